@@ -1,0 +1,194 @@
+"""Stage 9 of the data flow, and the only module that imports ms-swift.
+
+It registers Higgs-Audio v2 with ms-swift 4.x and runs SWIFT's own training loop (Seq2SeqTrainer on
+HF Trainer, with DeepSpeed) with three replacements:
+
+* model `higgs_audio`: boson's HiggsAudioModel loaded through AutoModel (never trust_remote_code);
+* template `higgs_audio`: batches come from boson's HiggsAudioSampleCollator, and the loss is
+  computed here (higgs_ds.loss) because the model's forward computes none;
+* data: the per-rank, multi-worker shard stream (higgs_ds.dataloader) replaces ms-swift's rank-0
+  streaming dispatcher, so every rank reads its own shards and yields the same number of batches.
+
+Also importable as an ms-swift plugin (`swift sft --external_plugins higgs_ds/swift_plugin.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+import torch.distributed.tensor  # noqa: F401  peft 0.20 on transformers 4.46 needs it imported first
+
+import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
+from swift.model import ModelGroup, ModelLoader, ModelMeta, register_model
+from swift.pipelines import SwiftSft
+from swift.template import Template, register_template
+from swift.template.templates.llama import Llama3TemplateMeta
+from swift.trainers import Seq2SeqTrainer, TrainerFactory
+from swift.utils import get_logger
+
+from higgs_ds.collate import BatchCollator
+from higgs_ds.dataloader import EpochDataLoader, ShardStream
+from higgs_ds.loss import LossConfig, higgs_loss
+from higgs_ds.shard_reader import load_index
+
+logger = get_logger()
+MODEL_TYPE = TEMPLATE_TYPE = "higgs_audio"
+
+
+class HiggsAudioLoader(ModelLoader):
+    default_trust_remote_code = False  # boson's classes are imported, never fetched from a model repo
+
+    def get_model(self, model_dir, config, processor, model_kwargs):
+        from transformers import AutoModel
+
+        self.auto_model_cls = AutoModel
+        model = super().get_model(model_dir, config, processor, model_kwargs)
+        # HiggsAudioModel has no get_input_embeddings (its base_model_prefix points at nothing);
+        # PEFT and HF's enable_input_require_grads need it.
+        model.get_input_embeddings = types.MethodType(lambda self: self.embed_tokens, model)
+        return model
+
+
+class HiggsAudioTemplate(Template):
+    support_padding_free = False
+    use_model = False
+    model_accepts_loss_kwargs = False  # the loss is a mean; HF must divide by accumulation steps
+    loss_config = LossConfig()
+
+    def _collator(self):
+        if getattr(self, "_batch_collator", None) is None:
+            self._batch_collator = BatchCollator(self.config)
+        return self._batch_collator
+
+    def data_collator(self, batch, *, padding_to=None):
+        return self._collator()(batch)
+
+    def compute_sft_loss(self, model, inputs, num_items_in_batch=None, trainer=None):
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        loss, metrics = higgs_loss(outputs.logits, outputs.expanded_labels, outputs.audio_logits,
+                                   inputs["label_audio_ids"], self.loss_config)
+        if trainer is not None:
+            mode = "train" if model.training else "eval"
+            for name, value in metrics.items():
+                trainer.custom_metrics[mode][name].update(value)
+        outputs["loss"] = loss  # item assignment: attribute assignment is lost on transformers 4.46
+        outputs["logits"] = None  # SWIFT's token accuracy would compare expanded logits with unexpanded labels
+        return outputs
+
+
+register_model(ModelMeta(MODEL_TYPE, [ModelGroup([])], HiggsAudioLoader, template=TEMPLATE_TYPE,
+                         architectures=["HiggsAudioModel"], tags=["audio", "tts"]), exist_ok=True)
+register_template(Llama3TemplateMeta(TEMPLATE_TYPE, template_cls=HiggsAudioTemplate, default_system=None),
+                  exist_ok=True)
+
+
+class HiggsAudioTrainer(Seq2SeqTrainer):
+    """SWIFT's trainer with the shard stream's own per-rank DataLoader (no rank-0 dispatcher)."""
+
+    def get_train_dataloader(self, skip_batches=0):
+        if skip_batches:
+            raise NotImplementedError("mid-epoch resume of the shard stream is not implemented yet; "
+                                      "pass --swift.ignore_data_skip true to resume without skipping")
+        stream = self.train_dataset
+        return EpochDataLoader(stream, batch_size=stream.cfg.batch_size, num_workers=stream.cfg.num_workers,
+                               collate_fn=self.data_collator, persistent_workers=False,
+                               multiprocessing_context="fork" if stream.cfg.num_workers else None)
+
+
+TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
+
+
+def check_codec_matches(index: dict, config, shard_dir: str) -> None:
+    codec = index["codec"]
+    want = {"num_codebooks": config.audio_num_codebooks, "codebook_size": config.audio_codebook_size}
+    for key, value in want.items():
+        if codec.get(key) != value:
+            raise ValueError(f"shards in {shard_dir} were built with a codec of {key}={codec.get(key)}, the model "
+                             f"expects {value}; rebuild the shards with the model's codec")
+
+
+class HiggsSft(SwiftSft):
+    def __init__(self, args, run_cfg):
+        self.run_cfg = run_cfg
+        super().__init__(args)
+
+    def _prepare_dataset(self):
+        cfg = self.run_cfg
+        for d in cfg.data.shards:
+            check_codec_matches(load_index(d), self.model.config, d)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        stream = ShardStream(cfg.data, self.template.tokenizer, rank=rank, world_size=world)
+        logger.info(f"shard stream: rank {rank}/{world}, {stream.num_batches()} batches per epoch per rank")
+        return [stream, None]
+
+    def train(self, trainer):
+        result = super().train(trainer)
+        if self.run_cfg.save_probe:
+            save_probe(trainer, self.run_cfg)
+        return result
+
+
+def save_probe(trainer, cfg) -> None:
+    """Logits of the trained model (the live DeepSpeed engine) on one fixed batch, for export checks.
+    Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes the file."""
+    stream = ShardStream(cfg.data, trainer.template.tokenizer, rank=0, world_size=1)
+    batch = trainer.data_collator([sample for _, sample in zip(range(cfg.data.batch_size), stream)])
+    model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+    model.eval()
+    device = next(trainer.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        out = model(**inputs)
+    if trainer.args.process_index == 0:
+        torch.save({"batch": batch, "logits": out.logits.float().cpu(), "audio_logits": out.audio_logits.float().cpu()},
+                   os.path.join(cfg.output_dir, "probe.pt"))
+        logger.info(f"saved probe logits to {cfg.output_dir}/probe.pt")
+
+
+def _dtype(cfg) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def swift_argv(cfg) -> list[str]:
+    dtype = _dtype(cfg)
+    args = {
+        "model": cfg.model, "model_type": MODEL_TYPE, "template": TEMPLATE_TYPE, "tuner_type": cfg.tuner,
+        "dataset": cfg.data.shards[0] if cfg.data.shards else "none",  # never loaded: HiggsSft injects the stream
+        "streaming": "true", "max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum, "learning_rate": cfg.learning_rate,
+        "warmup_steps": cfg.warmup_steps, "lr_scheduler_type": cfg.lr_scheduler, "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm, "torch_dtype": dtype, "bf16": str(dtype == "bfloat16").lower(),
+        "fp16": "false", "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps, "seed": cfg.seed,
+        "output_dir": cfg.output_dir, "logging_dir": os.path.join(cfg.output_dir, "logs"), "add_version": "false",
+        "report_to": "tensorboard", "ddp_timeout": cfg.ddp_timeout, "check_model": "false",
+        "gradient_checkpointing": "false", "remove_unused_columns": "false", "dataloader_num_workers": 0,
+        "save_only_model": "false",
+    }
+    if cfg.deepspeed:
+        args["deepspeed"] = cfg.deepspeed
+    if not torch.cuda.is_available():
+        args["ddp_backend"] = "gloo"
+        # transformers 4.46 builds accelerate's state with no backend on a CPU-only host and counts one
+        # process; reuse the gloo state made in run_training instead.
+        args["accelerator_config"] = '{"use_configured_state": true}'
+    args.update(cfg.swift)
+    argv = []
+    for key, value in args.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_training(cfg) -> dict:
+    HiggsAudioTemplate.loss_config = cfg.loss
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import accelerate
+
+        if cfg.deepspeed:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        accelerate.PartialState(backend="gloo")
+    return HiggsSft(swift_argv(cfg), cfg).main()

@@ -1,0 +1,143 @@
+"""Tiny, real Higgs-Audio parts built offline: tokenizer, HiggsAudioModel and the audio codec.
+
+They are the released classes with small sizes and random (seeded) weights, written to directories that
+load through the same `from_pretrained(dir)` / codec-loader path as the released checkpoint. Nothing is
+downloaded.
+
+    higgs-ds tiny-model OUT_DIR      # HiggsAudioConfig + random weights + tokenizer
+    higgs-ds tiny-codec OUT_DIR      # HiggsAudioTokenizer (codec) + local HuBERT teacher config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# The special tokens boson's prepare_chatml_sample, collator and generation use, in the order of their
+# ids in the released Llama-3 tokenizer (128000...128027). The tiny tokenizer keeps that order after its
+# 256 byte tokens, so id = 256 + (released id - 128000) for every token listed here.
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",  # 128000
+    "<|end_of_text|>",  # 128001, also pad
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",  # 128006
+    "<|end_header_id|>",  # 128007
+    "<|eom_id|>",  # 128008
+    "<|eot_id|>",  # 128009
+    "<|python_tag|>",
+    "<|audio_bos|>",  # 128011
+    "<|audio_eos|>",  # 128012
+    "<|audio_out_bos|>",  # 128013
+    "<|reserved_special_token_6|>",  # 128014 (the HF port's delay placeholder)
+    "<|AUDIO|>",  # 128015
+    "<|AUDIO_OUT|>",  # 128016
+    "<|recipient|>",
+    "<|scene_desc_start|>",
+    "<|scene_desc_end|>",
+    "<|generation_instruction_start|>",
+    "<|generation_instruction_end|>",
+    "<SE>",
+    "</SE>",
+    "<SE_s>",
+    "</SE_s>",
+    "<SE_e>",
+    "</SE_e>",
+]
+NUM_BYTE_TOKENS = 256
+TINY_VOCAB_SIZE = 288  # 256 bytes + 28 specials, rounded up to a multiple of 8
+
+# The codec's fixed geometry: every Higgs-Audio v2 checkpoint is trained on it.
+CODEC_SAMPLE_RATE = 24000
+CODEC_RATIOS = [8, 5, 4, 2, 3]  # hop 960 samples -> 25 frames/s
+NUM_CODEBOOKS = 8
+CODEBOOK_SIZE = 1024
+
+
+def build_tiny_tokenizer():
+    """A byte-level Llama-3-style fast tokenizer: one token per byte plus the Higgs special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert len(alphabet) == NUM_BYTE_TOKENS
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|begin_of_text|>", "<|end_of_text|>")],
+    )
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert fast.convert_tokens_to_ids(t) == NUM_BYTE_TOKENS + i, t
+    return fast
+
+
+def tiny_model_config(tokenizer, hidden_size: int = 64, num_layers: int = 2):
+    """HiggsAudioConfig shaped like the released one (dual FFN on every layer, delay pattern, 8 codebooks,
+    audio-in as codes, no Whisper tower), with a 2-layer Llama text backbone."""
+    import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_config = dict(
+        model_type="llama",
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        bos_token_id=ids["<|begin_of_text|>"],
+        eos_token_id=ids["<|end_of_text|>"],
+        pad_token_id=ids["<|end_of_text|>"],
+        tie_word_embeddings=False,
+    )
+    return HiggsAudioConfig(
+        text_config=text_config,
+        audio_adapter_type="dual_ffn_fast_forward",
+        audio_dual_ffn_layers=list(range(num_layers)),
+        audio_ffn_hidden_size=hidden_size,
+        audio_ffn_intermediate_size=hidden_size * 2,
+        encode_whisper_embed=False,
+        encode_audio_in_tokens=True,
+        use_delay_pattern=True,
+        skip_audio_tower=True,
+        audio_num_codebooks=NUM_CODEBOOKS,
+        audio_codebook_size=CODEBOOK_SIZE,
+        audio_stream_bos_id=CODEBOOK_SIZE,
+        audio_stream_eos_id=CODEBOOK_SIZE + 1,
+        audio_in_token_idx=ids["<|AUDIO|>"],
+        audio_out_token_idx=ids["<|AUDIO_OUT|>"],
+        audio_out_bos_token_id=ids["<|audio_out_bos|>"],
+        audio_eos_token_id=ids["<|audio_eos|>"],
+        pad_token_id=ids["<|end_of_text|>"],
+        hidden_size=hidden_size,
+    )
+
+
+def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write a loadable tiny HiggsAudioModel directory (config, safetensors, tokenizer)."""
+    import torch
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_model_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    torch.manual_seed(seed)
+    model = HiggsAudioModel(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "higgs_ds_tiny.json").write_text(json.dumps({"kind": "tiny-model", "seed": seed}) + "\n")
+    return out

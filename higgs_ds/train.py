@@ -1,0 +1,101 @@
+"""`higgs-ds train CONFIG [--key value ...]`: one training run, under torchrun (one process per device).
+
+    torchrun --nproc_per_node 2 -m higgs_ds.train configs/demo.toml --max_steps 40
+
+The config chooses the model directory, the shard directories, the DeepSpeed config, the optimisation
+settings and the output directory; any ms-swift training argument not covered here goes in [swift].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from higgs_ds.config import ConfigError, describe, load_config, to_dict
+from higgs_ds.dataloader import DataConfig
+from higgs_ds.loss import LossConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = ""
+    """Model directory loaded with from_pretrained (the released checkpoint, or `higgs-ds tiny-model DIR`)."""
+    output_dir: str = "runs/train"
+    """Checkpoints, TensorBoard logs (output_dir/logs) and logging.jsonl go here."""
+    deepspeed: str = "ds_configs/zero3.json"
+    """DeepSpeed config file ("" for none)."""
+    tuner: str = "full"
+    """full: train every parameter; lora: LoRA adapters (ms-swift's tuner_type)."""
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warm-up (any transformers scheduler name)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16 or float32."""
+    save_steps: int = 500
+    """Save a checkpoint every this many steps."""
+    logging_steps: int = 10
+    """Log every this many steps."""
+    seed: int = 42
+    """Seed of model-side randomness (the data order has its own, data.seed)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait before the job fails (ms-swift's default is 208 days)."""
+    save_probe: bool = False
+    """After training, save the model's logits on one fixed batch to output_dir/probe.pt (export checks)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    swift: dict = field(default_factory=dict)
+    """Any other ms-swift / transformers training argument, passed through as --key value."""
+
+
+HELP = f"""usage: higgs-ds train CONFIG.toml [--key value ...]
+
+Train Higgs-Audio v2 through ms-swift with DeepSpeed. Run it under torchrun (launch/torchrun.sh).
+Settings come from CONFIG.toml, overridden by --key value (nested: --data.batch_size 8).
+
+settings:
+{describe(TrainConfig)}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP)
+        return 0 if argv else 2
+    path, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
+    try:
+        cfg = load_config(TrainConfig, path, rest)
+        if not cfg.model:
+            raise ConfigError("no model directory: set `model = \"...\"` in the config or pass --model DIR")
+        if not Path(cfg.model, "config.json").is_file():
+            raise ConfigError(f"model directory {cfg.model} has no config.json")
+        if cfg.tuner not in ("full", "lora"):
+            raise ConfigError(f"tuner must be 'full' or 'lora', got {cfg.tuner!r}")
+    except ConfigError as err:
+        print(f"higgs-ds train: error: {err}", file=sys.stderr)
+        return 2
+    from higgs_ds import swift_plugin  # heavy imports only once the config is known to be good
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (Path(cfg.output_dir) / "higgs_ds_config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    swift_plugin.run_training(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
