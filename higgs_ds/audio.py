@@ -12,8 +12,10 @@ import warnings
 
 import numpy as np
 
+from higgs_ds.errors import UserError
 
-class AudioError(ValueError):
+
+class AudioError(UserError):
     """This audio file cannot be used; str(err) is the reason written to the rejects file."""
 
 

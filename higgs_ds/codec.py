@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ds.errors import UserError
 from higgs_ds.tiny import CODEBOOK_SIZE, CODEC_RATIOS, CODEC_SAMPLE_RATE, NUM_CODEBOOKS
 
 # The released codec's config.json (bosonai/higgs-audio-v2-tokenizer).
@@ -44,7 +45,7 @@ TINY_TEACHER_CONFIG = {"num_hidden_layers": 2, "intermediate_size": 1024}
 TINY_CODEC_VERSION = "tiny-codec-v1"
 
 
-class CodecError(ValueError):
+class CodecError(UserError):
     """A codec directory that cannot be used; the message says what is wrong and how to fix it."""
 
 
@@ -145,6 +146,9 @@ def load_codec(path: str | os.PathLike, device: str = "cpu") -> Codec:
     import torch
 
     path = Path(path)
+    if not path.is_dir():
+        raise CodecError(f"codec directory {path} does not exist (pass the folder of the released "
+                         "bosonai/higgs-audio-v2-tokenizer, or 'tiny' for the test codec)")
     config_path, weights_path = path / "config.json", path / "model.pth"
     for p in (config_path, weights_path):
         if not p.is_file():

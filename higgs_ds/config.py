@@ -12,12 +12,15 @@ import dataclasses
 import inspect
 import json
 import textwrap
-import tomllib
 import typing
 from pathlib import Path
 
+import tomllib
 
-class ConfigError(ValueError):
+from higgs_ds.errors import UserError
+
+
+class ConfigError(UserError):
     pass
 
 

@@ -13,8 +13,10 @@ import io
 
 import numpy as np
 
+from higgs_ds.errors import UserError
 
-class EncodingError(ValueError):
+
+class EncodingError(UserError):
     pass
 
 

@@ -16,11 +16,13 @@ import re
 import shutil
 from pathlib import Path
 
+from higgs_ds.errors import UserError
+
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 
@@ -76,8 +78,8 @@ def _codec_note(ckpt: Path) -> dict | None:
 
 
 def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> Path:
-    import torch
     import boson_multimodal.model.higgs_audio  # noqa: F401
+    import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
     from huggingface_hub import save_torch_state_dict
 
@@ -114,8 +116,8 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> Path:
 
 def check_export(model_dir: str, probe_path: str, atol: float = 1e-5) -> dict:
     """Reload an exported directory and compare its logits with those the trained model produced."""
-    import torch
     import boson_multimodal.model.higgs_audio  # noqa: F401
+    import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from higgs_ds.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM_PROMPT = "Generate audio following instruction."
 
@@ -45,7 +47,7 @@ class Reject:
         return {"manifest": self.manifest, "line": self.line, "sample_id": self.sample_id, "reason": self.reason}
 
 
-class BadSample(ValueError):
+class BadSample(UserError):
     pass
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_ds.audio import AudioError, load_audio
+from higgs_ds.errors import UserError
 from higgs_ds.manifest import ManifestSample, Reject, audio_items, read_manifest
 from higgs_ds.shard_writer import REJECTS_NAME, ShardWriter, write_index
 
@@ -35,7 +36,7 @@ class BuildConfig:
     """Stop at the first bad sample instead of recording it in rejects.jsonl."""
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError):
     pass
 
 

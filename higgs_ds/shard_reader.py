@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ds.errors import UserError
 from higgs_ds.shard_writer import INDEX_NAME, SCHEMA_VERSION
 
 MEMBER_TYPES = ("json", "codes.npy")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard or index that cannot be read; the message names the file."""
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 import types
 
+import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
 import torch
 import torch.distributed.tensor  # noqa: F401  peft 0.20 on transformers 4.46 needs it imported first
-
-import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
+from transformers import TrainerCallback
 from swift.model import ModelGroup, ModelLoader, ModelMeta, register_model
 from swift.pipelines import SwiftSft
 from swift.template import Template, register_template
@@ -125,10 +125,24 @@ class HiggsSft(SwiftSft):
         return [stream, None]
 
     def train(self, trainer):
+        trainer.add_callback(DenseLogCallback())
         result = super().train(trainer)
         if self.run_cfg.save_probe:
             save_probe(trainer, self.run_cfg)
         return result
+
+
+class DenseLogCallback(TrainerCallback):
+    """One line per logging step on rank 0: step, losses, learning rate, grad norm."""
+
+    KEYS = (("loss", "loss"), ("text", "text_loss"), ("audio", "audio_loss"), ("lr", "learning_rate"),
+            ("grad_norm", "grad_norm"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "audio_loss" not in logs:
+            return
+        parts = [f"{name} {logs[key]:.4g}" for name, key in self.KEYS if isinstance(logs.get(key), (int, float))]
+        print(f"[higgs-ds] step {state.global_step}/{state.max_steps} | " + " | ".join(parts), flush=True)
 
 
 def save_probe(trainer, cfg) -> None:

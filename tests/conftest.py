@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny real model, the tiny codec and a small shard set, built once per session."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "shards" / "demo"
+
+
+def demo_lines(ids: set[str]) -> list[dict]:
+    lines = [json.loads(line) for line in (DEMO / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return [line for line in lines if line["misc"]["id"] in ids]
+
+
+def write_manifest(folder: Path, lines: list, name: str = "manifest.jsonl") -> Path:
+    """A manifest in `folder` whose audio lives in a copy of the demo audio folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "audio").exists():
+        shutil.copytree(DEMO / "audio", folder / "audio")
+    path = folder / name
+    with open(path, "w") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return path
+
+
+# 6 utterances (every speaker, flac, 16 kHz wav and 44.1 kHz stereo wav) + 2 voice-cloning samples
+SMALL_IDS = {"alice_001", "alice_004", "bob_002", "bob_016", "carol_003", "carol_009",
+             "clone_alice_003", "clone_bob_009"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from higgs_ds.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_codec():
+    import torch
+
+    from higgs_ds.codec import resolve_codec
+
+    torch.set_num_threads(2)
+    return resolve_codec("tiny")
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("small"), demo_lines(SMALL_IDS))
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, small_manifest, tiny_codec):
+    from higgs_ds.shard_build import BuildConfig, build_shards
+
+    out = tmp_path_factory.mktemp("small-shards")
+    build_shards([str(small_manifest)], str(out), tiny_codec, BuildConfig(shard_samples=3), progress=False)
+    return out
