@@ -20,13 +20,13 @@ import types
 import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
 import torch
 import torch.distributed.tensor  # noqa: F401  peft 0.20 on transformers 4.46 needs it imported first
-from transformers import TrainerCallback
 from swift.model import ModelGroup, ModelLoader, ModelMeta, register_model
 from swift.pipelines import SwiftSft
 from swift.template import Template, register_template
 from swift.template.templates.llama import Llama3TemplateMeta
 from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
+from transformers import TrainerCallback
 
 from higgs_ds.collate import BatchCollator
 from higgs_ds.dataloader import EpochDataLoader, ShardStream
