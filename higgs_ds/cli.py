@@ -72,10 +72,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_tiny_codec)
 
     shards = sub.add_parser("shards", help="build WebDataset shards of codec codes").add_subparsers(
-        dest="shards_command", required=True, metavar="SUBCOMMAND")
-    s = shards.add_parser("build", help="manifest(s) -> audio -> codec codes -> tar shards + index.json",
-                          description="Decode, resample to 24 kHz and encode every audio item once; write "
-                          "shards, index.json and rejects.jsonl (every line not written, with its reason).")
+        dest="shards_command", required=True, metavar="SUBCOMMAND"
+    )
+    s = shards.add_parser(
+        "build",
+        help="manifest(s) -> audio -> codec codes -> tar shards + index.json",
+        description="Decode, resample to 24 kHz and encode every audio item once; write "
+        "shards, index.json and rejects.jsonl (every line not written, with its reason).",
+    )
     s.add_argument("manifests", nargs="+", help="ChatML or plain-TTS JSONL manifests")
     s.add_argument("--out", required=True, help="output shard directory")
     s.add_argument("--codec", required=True, help="codec directory (config.json + model.pth), or 'tiny'")

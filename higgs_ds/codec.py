@@ -147,8 +147,10 @@ def load_codec(path: str | os.PathLike, device: str = "cpu") -> Codec:
 
     path = Path(path)
     if not path.is_dir():
-        raise CodecError(f"codec directory {path} does not exist (pass the folder of the released "
-                         "bosonai/higgs-audio-v2-tokenizer, or 'tiny' for the test codec)")
+        raise CodecError(
+            f"codec directory {path} does not exist (pass the folder of the released "
+            "bosonai/higgs-audio-v2-tokenizer, or 'tiny' for the test codec)"
+        )
     config_path, weights_path = path / "config.json", path / "model.pth"
     for p in (config_path, weights_path):
         if not p.is_file():
@@ -173,8 +175,10 @@ def load_codec(path: str | os.PathLike, device: str = "cpu") -> Codec:
         )
     model.to(device).eval()
     if model.n_q != NUM_CODEBOOKS or model.sample_rate != CODEC_SAMPLE_RATE:
-        raise CodecError(f"codec at {path} has {model.n_q} codebooks at {model.sample_rate} Hz; Higgs-Audio v2 needs "
-                         f"{NUM_CODEBOOKS} at {CODEC_SAMPLE_RATE} Hz")
+        raise CodecError(
+            f"codec at {path} has {model.n_q} codebooks at {model.sample_rate} Hz; Higgs-Audio v2 needs "
+            f"{NUM_CODEBOOKS} at {CODEC_SAMPLE_RATE} Hz"
+        )
     provenance = {
         "codec": _codec_name(path),
         "codec_path": str(path.resolve()),

@@ -12,8 +12,10 @@ def make_collator(model_config):
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
 
     if model_config.encode_whisper_embed:
-        raise ValueError("this model config sets encode_whisper_embed=True (a Whisper audio tower); higgs-ds "
-                         "trains the released generation model, which reads audio as codes only")
+        raise ValueError(
+            "this model config sets encode_whisper_embed=True (a Whisper audio tower); higgs-ds "
+            "trains the released generation model, which reads audio as codes only"
+        )
     return HiggsAudioSampleCollator(
         whisper_processor=None,
         audio_in_token_id=model_config.audio_in_token_idx,

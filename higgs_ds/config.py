@@ -82,8 +82,10 @@ def build(cls, values: dict, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
-                          f"known in this section: {', '.join(prefix + n for n in names)}")
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
+            f"known in this section: {', '.join(prefix + n for n in names)}"
+        )
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
 
 
@@ -143,7 +145,10 @@ def describe(cls, prefix: str = "") -> str:
             lines.append(f"\n[{prefix}{f.name}]")
             lines.append(describe(hint, prefix=f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        )
         lines.append(f"  --{prefix}{f.name} (default {default!r})\n      {docs.get(f.name, '')}")
     return "\n".join(lines)

@@ -52,8 +52,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def plan(self):
-        return plan_epoch(self.refs, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank,
-                          world_size=self.world_size)
+        return plan_epoch(self.refs, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
 
     def num_batches(self) -> int:
         """Micro-batches this rank (and every rank) yields per epoch."""
@@ -67,8 +66,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         positions = split_for_worker(plan.positions, info.id, info.num_workers) if info else plan.positions
         if info is None or info.id == 0:
             if plan.num_repeated and self.rank == 0:
-                log.info("epoch %d: %d samples repeated so every one of %d ranks gets %d", self.epoch,
-                         plan.num_repeated, self.world_size, len(plan.positions))
+                log.info(
+                    "epoch %d: %d samples repeated so every one of %d ranks gets %d",
+                    self.epoch,
+                    plan.num_repeated,
+                    self.world_size,
+                    len(plan.positions),
+                )
         for record in read_positions(self.refs, positions):
             yield self.encode(record)
 
@@ -82,6 +86,11 @@ class EpochDataLoader(torch.utils.data.DataLoader):
 
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:
     stream = ShardStream(cfg, tokenizer, rank=rank, world_size=world_size)
-    return EpochDataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                           collate_fn=BatchCollator(model_config), persistent_workers=False,
-                           multiprocessing_context="fork" if cfg.num_workers else None)
+    return EpochDataLoader(
+        stream,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=BatchCollator(model_config),
+        persistent_workers=False,
+        multiprocessing_context="fork" if cfg.num_workers else None,
+    )

@@ -39,18 +39,26 @@ def _run(cmd: list[str], log_path: Path, env: dict, echo_prefix: str | None = No
         for line in proc.stdout:
             log.write(line)
             if echo_prefix and echo_prefix in line:  # after any progress-bar text on the same line
-                print("    " + line[line.index(echo_prefix):].rstrip(), flush=True)
+                print("    " + line[line.index(echo_prefix) :].rstrip(), flush=True)
         proc.wait()
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n--- last lines of {log_path}:\n{tail}")
+        raise SystemExit(
+            f"step failed (exit {proc.returncode}): {' '.join(cmd)}\n--- last lines of {log_path}:\n{tail}"
+        )
 
 
 def run_demo(workdir: str, steps: int | None = None) -> int:
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     started = time.time()
 
     model_dir = work / "tiny-model"
@@ -71,40 +79,67 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
         from higgs_ds.shard_build import BuildConfig, build_shards
 
         torch.set_num_threads(2)
-        summary = build_shards([str(DEMO_MANIFEST)], str(shard_dir), resolve_codec("tiny"), BuildConfig(shard_samples=8))
-        _say(f"shards: {summary['accepted']} samples accepted, {summary['rejected']} rejected, "
-             f"{summary['shards']} shards, {summary['audio_hours'] * 60:.1f} audio-minutes, {summary['wall_seconds']} s")
+        summary = build_shards(
+            [str(DEMO_MANIFEST)], str(shard_dir), resolve_codec("tiny"), BuildConfig(shard_samples=8)
+        )
+        _say(
+            f"shards: {summary['accepted']} samples accepted, {summary['rejected']} rejected, "
+            f"{summary['shards']} shards, {summary['audio_hours'] * 60:.1f} audio-minutes, {summary['wall_seconds']} s"
+        )
     else:
         _say(f"shards: {shard_dir} (exist)")
 
     train_dir = work / "train"
     shutil.rmtree(train_dir, ignore_errors=True)
-    overrides = ["--model", str(model_dir), "--output_dir", str(train_dir), "--data.shards", json.dumps([str(shard_dir)])]
+    overrides = [
+        "--model",
+        str(model_dir),
+        "--output_dir",
+        str(train_dir),
+        "--data.shards",
+        json.dumps([str(shard_dir)]),
+    ]
     if steps:
         overrides += ["--max_steps", str(steps), "--save_steps", str(steps)]
     train_env = dict(env, NPROC_PER_NODE="2", PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
     _say(f"training on 2 CPU ranks with DeepSpeed ZeRO-3 through ms-swift (full log: {work / 'train.log'})")
-    _run(["bash", str(REPO / "launch" / "torchrun.sh"), str(REPO / "configs" / "demo.toml"), *overrides],
-         work / "train.log", train_env, echo_prefix="[higgs-ds]")
+    _run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), str(REPO / "configs" / "demo.toml"), *overrides],
+        work / "train.log",
+        train_env,
+        echo_prefix="[higgs-ds]",
+    )
 
     history = [h for h in _log_history(train_dir) if "audio_loss" in h]
     first, last = history[0], history[-1]
-    _say(f"audio loss: step {first['step']} {first['audio_loss']:.3f} -> step {last['step']} {last['audio_loss']:.3f}; "
-         f"text loss {first['text_loss']:.3f} -> {last['text_loss']:.3f}")
+    _say(
+        f"audio loss: step {first['step']} {first['audio_loss']:.3f} -> step {last['step']} {last['audio_loss']:.3f}; "
+        f"text loss {first['text_loss']:.3f} -> {last['text_loss']:.3f}"
+    )
 
     export_dir = work / "export"
     _say(f"exporting the last checkpoint of {train_dir} to {export_dir}")
-    _run([sys.executable, "-m", "higgs_ds.cli", "export", str(train_dir), "--out", str(export_dir)],
-         work / "export.log", env)
+    _run(
+        [sys.executable, "-m", "higgs_ds.cli", "export", str(train_dir), "--out", str(export_dir)],
+        work / "export.log",
+        env,
+    )
     _say("reloading the export in a fresh process and comparing logits with the trained model's")
-    _run([sys.executable, "-m", "higgs_ds.cli", "check-export", str(export_dir), "--probe", str(train_dir / "probe.pt")],
-         work / "check.log", env)
+    _run(
+        [sys.executable, "-m", "higgs_ds.cli", "check-export", str(export_dir), "--probe", str(train_dir / "probe.pt")],
+        work / "check.log",
+        env,
+    )
     check = json.loads((work / "check.log").read_text().strip().splitlines()[-1])
-    _say(f"export logits equal: {check['equal']} (max abs diff {check['max_abs_diff_logits']:.2e} text, "
-         f"{check['max_abs_diff_audio_logits']:.2e} audio)")
+    _say(
+        f"export logits equal: {check['equal']} (max abs diff {check['max_abs_diff_logits']:.2e} text, "
+        f"{check['max_abs_diff_audio_logits']:.2e} audio)"
+    )
     ok = check["equal"] and last["audio_loss"] < first["audio_loss"]
-    _say(f"{'done' if ok else 'FAILED'} in {time.time() - started:.0f} s. Outputs: model {model_dir}, shards {shard_dir}, "
-         f"checkpoints and TensorBoard logs {train_dir}, export {export_dir}")
+    _say(
+        f"{'done' if ok else 'FAILED'} in {time.time() - started:.0f} s. Outputs: model {model_dir}, "
+        f"shards {shard_dir}, checkpoints and TensorBoard logs {train_dir}, export {export_dir}"
+    )
     return 0 if ok else 1
 
 

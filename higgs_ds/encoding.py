@@ -42,13 +42,17 @@ class SampleEncoder:
         with contextlib.redirect_stdout(io.StringIO()) as chatter:
             input_ids, label_ids, audio_contents, _ = prepare_chatml_sample(chatml, self.tokenizer)
         if input_ids is None:
-            raise EncodingError(f"sample {meta.get('id')!r} ({meta.get('source')}): boson could not encode it: "
-                                f"{chatter.getvalue().strip()[:500]}")
+            raise EncodingError(
+                f"sample {meta.get('id')!r} ({meta.get('source')}): boson could not encode it: "
+                f"{chatter.getvalue().strip()[:500]}"
+            )
         frames = [item["frames"] for item in meta["audio"]]
         codes = record["codes"]
         if len(audio_contents) != len(frames) or codes.shape[1] != sum(frames):
-            raise EncodingError(f"sample {meta.get('id')!r}: {len(audio_contents)} audio items in the messages, "
-                                f"{len(frames)} in the shard record, codes hold {codes.shape[1]} frames")
+            raise EncodingError(
+                f"sample {meta.get('id')!r}: {len(audio_contents)} audio items in the messages, "
+                f"{len(frames)} in the shard record, codes hold {codes.shape[1]} frames"
+            )
         starts = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)
         n = len(frames)
         return ChatMLDatasetSample(

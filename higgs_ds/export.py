@@ -18,8 +18,13 @@ from pathlib import Path
 
 from higgs_ds.errors import UserError
 
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json")
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 class ExportError(UserError):
@@ -37,8 +42,10 @@ def resolve_checkpoint(path: str) -> Path:
         raise ExportError(f"{p} is not a directory")
     if is_complete_checkpoint(p):
         return p
-    candidates = sorted((c for c in p.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)),
-                        key=lambda c: int(c.name.split("-")[1]))
+    candidates = sorted(
+        (c for c in p.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)),
+        key=lambda c: int(c.name.split("-")[1]),
+    )
     complete = [c for c in candidates if is_complete_checkpoint(c)]
     if not complete:
         raise ExportError(f"no complete checkpoint in {p} (looked for checkpoint-N with trainer_state.json)")
@@ -47,8 +54,10 @@ def resolve_checkpoint(path: str) -> Path:
 
 def consolidated_state_dict(ckpt: Path) -> dict:
     if (ckpt / "adapter_config.json").is_file():
-        raise ExportError(f"{ckpt} is a LoRA adapter checkpoint; merging adapters into the base model is not "
-                          "implemented yet in higgs-ds export")
+        raise ExportError(
+            f"{ckpt} is a LoRA adapter checkpoint; merging adapters into the base model is not "
+            "implemented yet in higgs-ds export"
+        )
     if (ckpt / "latest").is_file():  # DeepSpeed partitions: rebuild the fp32 weights on the CPU
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -90,8 +99,10 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> Path:
         expected = set(HiggsAudioModel(config).state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ExportError(f"consolidated weights of {ckpt} do not match its config: missing {sorted(missing)[:5]}, "
-                          f"unexpected {sorted(unexpected)[:5]}")
+        raise ExportError(
+            f"consolidated weights of {ckpt} do not match its config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     target = getattr(torch, dtype) if dtype else torch.float32
     state = {k: v.to(target).contiguous() for k, v in state.items()}
     out = Path(out_dir)
@@ -107,8 +118,9 @@ def export(checkpoint: str, out_dir: str, dtype: str | None = None) -> Path:
     note = _codec_note(ckpt)
     if note:
         (tmp / "codec.json").write_text(json.dumps(note, indent=1) + "\n")
-    (tmp / "higgs_ds_export.json").write_text(json.dumps({"checkpoint": str(ckpt.resolve()),
-                                                           "dtype": config.torch_dtype}, indent=1) + "\n")
+    (tmp / "higgs_ds_export.json").write_text(
+        json.dumps({"checkpoint": str(ckpt.resolve()), "dtype": config.torch_dtype}, indent=1) + "\n"
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -127,5 +139,9 @@ def check_export(model_dir: str, probe_path: str, atol: float = 1e-5) -> dict:
         out = model(**batch)
     diff_text = (out.logits.float() - probe["logits"]).abs().max().item()
     diff_audio = (out.audio_logits.float() - probe["audio_logits"]).abs().max().item()
-    return {"max_abs_diff_logits": diff_text, "max_abs_diff_audio_logits": diff_audio,
-            "equal": max(diff_text, diff_audio) <= atol, "atol": atol}
+    return {
+        "max_abs_diff_logits": diff_text,
+        "max_abs_diff_audio_logits": diff_audio,
+        "equal": max(diff_text, diff_audio) <= atol,
+        "atol": atol,
+    }

@@ -59,13 +59,15 @@ def _encode_sample(sample: ManifestSample, codec, cfg: BuildConfig, cache: dict)
             target_frames += int(codes.shape[1])
     if total_seconds > cfg.max_sample_seconds:
         raise AudioError(f"sample holds {total_seconds:.1f} s of audio, over {cfg.max_sample_seconds:g} s")
-    record = dict(sample.chatml, id=sample.sample_id, source={"manifest": sample.manifest, "line": sample.line},
-                  audio=items)
+    record = dict(
+        sample.chatml, id=sample.sample_id, source={"manifest": sample.manifest, "line": sample.line}, audio=items
+    )
     return record, np.concatenate(codes_list, axis=1), total_seconds, target_frames
 
 
-def build_shards(manifests: list[str], out_dir: str, codec, cfg: BuildConfig = BuildConfig(),
-                 progress: bool = True) -> dict:
+def build_shards(
+    manifests: list[str], out_dir: str, codec, cfg: BuildConfig = BuildConfig(), progress: bool = True
+) -> dict:
     """Build shards; returns the summary (also stored in index.json under "build")."""
     from tqdm import tqdm
 
@@ -103,9 +105,16 @@ def build_shards(manifests: list[str], out_dir: str, codec, cfg: BuildConfig = B
     rejected = sum(reasons.values())
     if accepted + rejected != num_inputs:  # an invariant of this function, checked on every build
         raise BuildError(f"accounting error: {accepted} accepted + {rejected} rejected != {num_inputs} inputs")
-    summary = {"inputs": num_inputs, "accepted": accepted, "rejected": rejected, "rejected_by_reason": dict(reasons),
-               "audio_hours": round(audio_seconds / 3600, 4), "shards": len(shards),
-               "bytes": sum(s["bytes"] for s in shards), "manifests": [str(m) for m in manifests]}
+    summary = {
+        "inputs": num_inputs,
+        "accepted": accepted,
+        "rejected": rejected,
+        "rejected_by_reason": dict(reasons),
+        "audio_hours": round(audio_seconds / 3600, 4),
+        "shards": len(shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "manifests": [str(m) for m in manifests],
+    }
     if not shards:
         raise BuildError(f"no sample was accepted from {manifests}; see {out / REJECTS_NAME}")
     write_index(out, shards, codec.provenance, summary)

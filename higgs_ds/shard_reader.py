@@ -50,8 +50,10 @@ def load_index(shard_dir: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise ShardError(f"{path} is not valid JSON ({err})") from None
     if index.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{path} has schema {index.get('schema_version')}, this reader reads {SCHEMA_VERSION}; "
-                         "rebuild the shards with this version of higgs-ds")
+        raise ShardError(
+            f"{path} has schema {index.get('schema_version')}, this reader reads {SCHEMA_VERSION}; "
+            "rebuild the shards with this version of higgs-ds"
+        )
     for shard in index["shards"]:
         if not (Path(shard_dir) / shard["file"]).is_file():
             raise ShardError(f"shard {Path(shard_dir) / shard['file']} is listed in {path} but missing")
@@ -85,14 +87,14 @@ def plan_epoch(refs: list[ShardRef], *, seed: int, epoch: int, rank: int, world_
     per_rank = -(-len(positions) // world_size)
     repeats = per_rank * world_size - len(positions)
     padded = positions + [positions[i % len(positions)] for i in range(repeats)]
-    return EpochPlan(padded[rank * per_rank:(rank + 1) * per_rank], len(positions), repeats)
+    return EpochPlan(padded[rank * per_rank : (rank + 1) * per_rank], len(positions), repeats)
 
 
 def split_for_worker(positions: list, worker: int, num_workers: int) -> list:
     """Contiguous part `worker` of `positions` (sizes differ by at most one)."""
     base, extra = divmod(len(positions), num_workers)
     start = worker * base + min(worker, extra)
-    return positions[start:start + base + (1 if worker < extra else 0)]
+    return positions[start : start + base + (1 if worker < extra else 0)]
 
 
 def _decode_member(shard: str, name: str, data: bytes):

@@ -44,8 +44,9 @@ class ShardWriter:
 
     `first_shard` lets parallel builders own disjoint shard numbers."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_samples: int = 1000, max_bytes: int = 256 << 20,
-                 first_shard: int = 0):
+    def __init__(
+        self, out_dir: str | os.PathLike, *, max_samples: int = 1000, max_bytes: int = 256 << 20, first_shard: int = 0
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_samples, self.max_bytes = max_samples, max_bytes
@@ -71,9 +72,12 @@ class ShardWriter:
         from higgs_ds.codec import sha256_file
 
         frames = self._entry.pop("target_frames")
-        self._entry.update(bytes=final.stat().st_size, sha256=sha256_file(final),
-                           audio_seconds=round(self._entry["audio_seconds"], 3),
-                           target_frames={"min": min(frames), "max": max(frames), "sum": sum(frames)})
+        self._entry.update(
+            bytes=final.stat().st_size,
+            sha256=sha256_file(final),
+            audio_seconds=round(self._entry["audio_seconds"], 3),
+            target_frames={"min": min(frames), "max": max(frames), "sum": sum(frames)},
+        )
         self.shards.append(self._entry)
         self._tar = None
         self.next_number += 1
@@ -83,8 +87,11 @@ class ShardWriter:
             self._open()
         key = f"{self.next_key:09d}"
         self.next_key += 1
-        payload = {"__key__": key, "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
-                   "codes.npy": encode_codes(codes)}
+        payload = {
+            "__key__": key,
+            "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
+            "codes.npy": encode_codes(codes),
+        }
         self._entry["bytes"] += self._tar.write(payload)
         self._entry["num_samples"] += 1
         self._entry["audio_seconds"] += audio_seconds

@@ -67,8 +67,9 @@ class HiggsAudioTemplate(Template):
 
     def compute_sft_loss(self, model, inputs, num_items_in_batch=None, trainer=None):
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        loss, metrics = higgs_loss(outputs.logits, outputs.expanded_labels, outputs.audio_logits,
-                                   inputs["label_audio_ids"], self.loss_config)
+        loss, metrics = higgs_loss(
+            outputs.logits, outputs.expanded_labels, outputs.audio_logits, inputs["label_audio_ids"], self.loss_config
+        )
         if trainer is not None:
             mode = "train" if model.training else "eval"
             for name, value in metrics.items():
@@ -78,10 +79,20 @@ class HiggsAudioTemplate(Template):
         return outputs
 
 
-register_model(ModelMeta(MODEL_TYPE, [ModelGroup([])], HiggsAudioLoader, template=TEMPLATE_TYPE,
-                         architectures=["HiggsAudioModel"], tags=["audio", "tts"]), exist_ok=True)
-register_template(Llama3TemplateMeta(TEMPLATE_TYPE, template_cls=HiggsAudioTemplate, default_system=None),
-                  exist_ok=True)
+register_model(
+    ModelMeta(
+        MODEL_TYPE,
+        [ModelGroup([])],
+        HiggsAudioLoader,
+        template=TEMPLATE_TYPE,
+        architectures=["HiggsAudioModel"],
+        tags=["audio", "tts"],
+    ),
+    exist_ok=True,
+)
+register_template(
+    Llama3TemplateMeta(TEMPLATE_TYPE, template_cls=HiggsAudioTemplate, default_system=None), exist_ok=True
+)
 
 
 class HiggsAudioTrainer(Seq2SeqTrainer):
@@ -89,12 +100,19 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
 
     def get_train_dataloader(self, skip_batches=0):
         if skip_batches:
-            raise NotImplementedError("mid-epoch resume of the shard stream is not implemented yet; "
-                                      "pass --swift.ignore_data_skip true to resume without skipping")
+            raise NotImplementedError(
+                "mid-epoch resume of the shard stream is not implemented yet; "
+                "pass --swift.ignore_data_skip true to resume without skipping"
+            )
         stream = self.train_dataset
-        return EpochDataLoader(stream, batch_size=stream.cfg.batch_size, num_workers=stream.cfg.num_workers,
-                               collate_fn=self.data_collator, persistent_workers=False,
-                               multiprocessing_context="fork" if stream.cfg.num_workers else None)
+        return EpochDataLoader(
+            stream,
+            batch_size=stream.cfg.batch_size,
+            num_workers=stream.cfg.num_workers,
+            collate_fn=self.data_collator,
+            persistent_workers=False,
+            multiprocessing_context="fork" if stream.cfg.num_workers else None,
+        )
 
 
 TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
@@ -105,8 +123,10 @@ def check_codec_matches(index: dict, config, shard_dir: str) -> None:
     want = {"num_codebooks": config.audio_num_codebooks, "codebook_size": config.audio_codebook_size}
     for key, value in want.items():
         if codec.get(key) != value:
-            raise ValueError(f"shards in {shard_dir} were built with a codec of {key}={codec.get(key)}, the model "
-                             f"expects {value}; rebuild the shards with the model's codec")
+            raise ValueError(
+                f"shards in {shard_dir} were built with a codec of {key}={codec.get(key)}, the model "
+                f"expects {value}; rebuild the shards with the model's codec"
+            )
 
 
 class HiggsSft(SwiftSft):
@@ -135,8 +155,13 @@ class HiggsSft(SwiftSft):
 class DenseLogCallback(TrainerCallback):
     """One line per logging step on rank 0: step, losses, learning rate, grad norm."""
 
-    KEYS = (("loss", "loss"), ("text", "text_loss"), ("audio", "audio_loss"), ("lr", "learning_rate"),
-            ("grad_norm", "grad_norm"))
+    KEYS = (
+        ("loss", "loss"),
+        ("text", "text_loss"),
+        ("audio", "audio_loss"),
+        ("lr", "learning_rate"),
+        ("grad_norm", "grad_norm"),
+    )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "audio_loss" not in logs:
@@ -157,8 +182,10 @@ def save_probe(trainer, cfg) -> None:
     with torch.no_grad():
         out = model(**inputs)
     if trainer.args.process_index == 0:
-        torch.save({"batch": batch, "logits": out.logits.float().cpu(), "audio_logits": out.audio_logits.float().cpu()},
-                   os.path.join(cfg.output_dir, "probe.pt"))
+        torch.save(
+            {"batch": batch, "logits": out.logits.float().cpu(), "audio_logits": out.audio_logits.float().cpu()},
+            os.path.join(cfg.output_dir, "probe.pt"),
+        )
         logger.info(f"saved probe logits to {cfg.output_dir}/probe.pt")
 
 
@@ -171,16 +198,35 @@ def _dtype(cfg) -> str:
 def swift_argv(cfg) -> list[str]:
     dtype = _dtype(cfg)
     args = {
-        "model": cfg.model, "model_type": MODEL_TYPE, "template": TEMPLATE_TYPE, "tuner_type": cfg.tuner,
+        "model": cfg.model,
+        "model_type": MODEL_TYPE,
+        "template": TEMPLATE_TYPE,
+        "tuner_type": cfg.tuner,
         "dataset": cfg.data.shards[0] if cfg.data.shards else "none",  # never loaded: HiggsSft injects the stream
-        "streaming": "true", "max_steps": cfg.max_steps, "per_device_train_batch_size": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum, "learning_rate": cfg.learning_rate,
-        "warmup_steps": cfg.warmup_steps, "lr_scheduler_type": cfg.lr_scheduler, "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm, "torch_dtype": dtype, "bf16": str(dtype == "bfloat16").lower(),
-        "fp16": "false", "save_steps": cfg.save_steps, "logging_steps": cfg.logging_steps, "seed": cfg.seed,
-        "output_dir": cfg.output_dir, "logging_dir": os.path.join(cfg.output_dir, "logs"), "add_version": "false",
-        "report_to": "tensorboard", "ddp_timeout": cfg.ddp_timeout, "check_model": "false",
-        "gradient_checkpointing": "false", "remove_unused_columns": "false", "dataloader_num_workers": 0,
+        "streaming": "true",
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "learning_rate": cfg.learning_rate,
+        "warmup_steps": cfg.warmup_steps,
+        "lr_scheduler_type": cfg.lr_scheduler,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "torch_dtype": dtype,
+        "bf16": str(dtype == "bfloat16").lower(),
+        "fp16": "false",
+        "save_steps": cfg.save_steps,
+        "logging_steps": cfg.logging_steps,
+        "seed": cfg.seed,
+        "output_dir": cfg.output_dir,
+        "logging_dir": os.path.join(cfg.output_dir, "logs"),
+        "add_version": "false",
+        "report_to": "tensorboard",
+        "ddp_timeout": cfg.ddp_timeout,
+        "check_model": "false",
+        "gradient_checkpointing": "false",
+        "remove_unused_columns": "false",
+        "dataloader_num_workers": 0,
         "save_only_model": "false",
     }
     if cfg.deepspeed:

@@ -80,18 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TrainConfig, path, rest)
         if not cfg.model:
-            raise ConfigError("no model directory: set `model = \"...\"` in the config or pass --model DIR")
+            raise ConfigError('no model directory: set `model = "..."` in the config or pass --model DIR')
         if not Path(cfg.model, "config.json").is_file():
             raise ConfigError(f"model directory {cfg.model} has no config.json")
         if "auto_map" in json.loads(Path(cfg.model, "config.json").read_text()):
             # ms-swift reads configs with trust_remote_code=True; refuse code shipped with a model directory.
-            raise ConfigError(f"{cfg.model}/config.json has an auto_map (custom model code); higgs-ds runs only "
-                              "boson_multimodal's own classes: remove auto_map from the config")
+            raise ConfigError(
+                f"{cfg.model}/config.json has an auto_map (custom model code); higgs-ds runs only "
+                "boson_multimodal's own classes: remove auto_map from the config"
+            )
         for d in cfg.data.shards:
             if not Path(d, "index.json").is_file():
                 raise ConfigError(f"shard directory {d} has no index.json; build it with `higgs-ds shards build`")
         if not cfg.data.shards:
-            raise ConfigError("no shard directories: set data.shards = [\"DIR\", ...] or pass --data.shards")
+            raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
         if cfg.tuner not in ("full", "lora"):
             raise ConfigError(f"tuner must be 'full' or 'lora', got {cfg.tuner!r}")
     except ConfigError as err:

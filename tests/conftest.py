@@ -33,8 +33,16 @@ def write_manifest(folder: Path, lines: list, name: str = "manifest.jsonl") -> P
 
 
 # 6 utterances (every speaker, flac, 16 kHz wav and 44.1 kHz stereo wav) + 2 voice-cloning samples
-SMALL_IDS = {"alice_001", "alice_004", "bob_002", "bob_016", "carol_003", "carol_009",
-             "clone_alice_003", "clone_bob_009"}
+SMALL_IDS = {
+    "alice_001",
+    "alice_004",
+    "bob_002",
+    "bob_016",
+    "carol_003",
+    "carol_009",
+    "clone_alice_003",
+    "clone_bob_009",
+}
 
 
 @pytest.fixture(scope="session")

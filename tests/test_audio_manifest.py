@@ -12,8 +12,9 @@ from higgs_ds.manifest import ManifestSample, Reject, read_manifest
 from .conftest import DEMO
 
 
-@pytest.mark.parametrize("name, native_rate", [("alice_001.flac", 22050), ("alice_004.wav", 16000),
-                                               ("alice_016.wav", 44100)])
+@pytest.mark.parametrize(
+    "name, native_rate", [("alice_001.flac", 22050), ("alice_004.wav", 16000), ("alice_016.wav", 44100)]
+)
 def test_load_audio_resamples_to_24k_mono(name, native_rate):
     info = sf.info(DEMO / "audio" / name)
     assert info.samplerate == native_rate
@@ -40,8 +41,12 @@ def test_load_audio_errors_name_the_problem(tmp_path):
         load_audio(truncated, 24000)
 
 
-GOOD_TTS = {"messages": [{"role": "user", "content": "Hello."},
-                         {"role": "assistant", "content": {"type": "audio", "audio_url": "audio/alice_001.flac"}}]}
+GOOD_TTS = {
+    "messages": [
+        {"role": "user", "content": "Hello."},
+        {"role": "assistant", "content": {"type": "audio", "audio_url": "audio/alice_001.flac"}},
+    ]
+}
 
 
 def _line(**changes):
@@ -58,8 +63,10 @@ BAD_LINES = [
     (_line(messages=[{"role": "assistant", "content": {"type": "image", "url": "x.png"}}]), "unknown content type"),
     (_line(messages=[{"role": "assistant", "content": {"type": "audio"}}]), "has no 'audio_url'"),
     (_line(messages=[{"role": "user", "content": "only text"}]), "nothing to train on"),
-    (_line(messages=[{"role": "assistant", "content": {"type": "audio", "audio_url": "../../etc/passwd"}}]),
-     "leaves the manifest's folder"),
+    (
+        _line(messages=[{"role": "assistant", "content": {"type": "audio", "audio_url": "../../etc/passwd"}}]),
+        "leaves the manifest's folder",
+    ),
     (_line(start_index=7), "'start_index' must be an integer"),
     (json.dumps({"audio": "audio/bob_001.flac", "text": ""}), "empty or non-string 'text'"),
 ]

@@ -55,8 +55,9 @@ def batch_and_model(small_shards, tiny_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
     tok, config = AutoTokenizer.from_pretrained(tiny_model_dir), AutoConfig.from_pretrained(tiny_model_dir)
-    loader = build_dataloader(DataConfig(shards=[str(small_shards)], batch_size=8, num_workers=0), tok, config,
-                              rank=0, world_size=1)
+    loader = build_dataloader(
+        DataConfig(shards=[str(small_shards)], batch_size=8, num_workers=0), tok, config, rank=0, world_size=1
+    )
     return next(iter(loader)), HiggsAudioModel.from_pretrained(tiny_model_dir), tok
 
 
@@ -81,15 +82,22 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
     batch, model, _ = batch_and_model
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     loss, metrics = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, batch["label_audio_ids"])
-    text = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), out.expanded_labels[:, 1:].flatten(),
-                           ignore_index=-100)
-    audio = F.cross_entropy(out.audio_logits[:-1].flatten(0, 1), batch["label_audio_ids"][:, 1:].T.flatten(),
-                            ignore_index=-100)
+    text = F.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1).float(), out.expanded_labels[:, 1:].flatten(), ignore_index=-100
+    )
+    audio = F.cross_entropy(
+        out.audio_logits[:-1].flatten(0, 1), batch["label_audio_ids"][:, 1:].T.flatten(), ignore_index=-100
+    )
     torch.testing.assert_close(loss, text + audio)
     torch.testing.assert_close(metrics["text_loss"], text.detach())
     assert 6.0 < metrics["audio_loss"] < 8.0  # ~ln(1026) for random weights
-    weighted, _ = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, batch["label_audio_ids"],
-                             LossConfig(text_weight=0.5, codebook_weights=(1, 0, 0, 0, 0, 0, 0, 0)))
+    weighted, _ = higgs_loss(
+        out.logits,
+        out.expanded_labels,
+        out.audio_logits,
+        batch["label_audio_ids"],
+        LossConfig(text_weight=0.5, codebook_weights=(1, 0, 0, 0, 0, 0, 0, 0)),
+    )
     torch.testing.assert_close(weighted, 0.5 * text + metrics["audio_loss_cb0"])
     loss.backward()
     assert model.layers[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0

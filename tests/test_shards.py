@@ -19,7 +19,12 @@ def test_index_describes_the_shards(small_shards):
     assert index["num_samples"] == len(SMALL_IDS) == sum(s["num_samples"] for s in index["shards"])
     assert [s["num_samples"] for s in index["shards"]] == [3, 3, 2]
     codec = index["codec"]
-    assert (codec["num_codebooks"], codec["codebook_size"], codec["frame_rate"], codec["sample_rate"]) == (8, 1024, 25, 24000)
+    assert (codec["num_codebooks"], codec["codebook_size"], codec["frame_rate"], codec["sample_rate"]) == (
+        8,
+        1024,
+        25,
+        24000,
+    )
     for shard in index["shards"]:
         path = small_shards / shard["file"]
         assert path.stat().st_size == shard["bytes"]
@@ -37,8 +42,11 @@ def test_shard_members_are_json_and_uint16_codes(small_shards):
         assert codes.dtype == np.uint16 and codes.shape[0] == 8
         assert codes.shape[1] == sum(a["frames"] for a in meta["audio"])
         for item in meta["audio"]:  # T = ceil(24 kHz samples / 960), or one less (codec trims its branches)
-            assert item["frames"] in (int(np.ceil(item["seconds"] * 25)) - 1, int(np.ceil(item["seconds"] * 25)),
-                                      int(np.ceil(item["seconds"] * 25)) + 1)
+            assert item["frames"] in (
+                int(np.ceil(item["seconds"] * 25)) - 1,
+                int(np.ceil(item["seconds"] * 25)),
+                int(np.ceil(item["seconds"] * 25)) + 1,
+            )
         assert meta["source"]["line"] >= 1 and meta["id"] in SMALL_IDS
 
 
@@ -56,8 +64,10 @@ def test_build_is_byte_identical_and_accounts_for_every_line(tmp_path, tiny_code
     lines = demo_lines({"alice_001", "bob_002"}) + ["{broken", json.dumps({"messages": []})]
     lines.append({"messages": [{"role": "assistant", "content": {"type": "audio", "audio_url": "audio/nope.wav"}}]})
     manifest = write_manifest(tmp_path / "in", lines)
-    summaries = [build_shards([str(manifest)], str(tmp_path / out), tiny_codec, BuildConfig(), progress=False)
-                 for out in ("a", "b")]
+    summaries = [
+        build_shards([str(manifest)], str(tmp_path / out), tiny_codec, BuildConfig(), progress=False)
+        for out in ("a", "b")
+    ]
     assert summaries[0]["accepted"] == 2 and summaries[0]["rejected"] == 3 and summaries[0]["inputs"] == 5
     assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == (tmp_path / "b" / "shard-000000.tar").read_bytes()
     rejects = [json.loads(line) for line in (tmp_path / "a" / "rejects.jsonl").read_text().splitlines()]
@@ -67,8 +77,9 @@ def test_build_is_byte_identical_and_accounts_for_every_line(tmp_path, tiny_code
 
 def test_over_long_audio_is_rejected_not_truncated(tmp_path, tiny_codec):
     manifest = write_manifest(tmp_path / "in", demo_lines({"alice_001", "bob_002"}))
-    summary = build_shards([str(manifest)], str(tmp_path / "out"), tiny_codec, BuildConfig(max_seconds=2.33),
-                           progress=False)
+    summary = build_shards(
+        [str(manifest)], str(tmp_path / "out"), tiny_codec, BuildConfig(max_seconds=2.33), progress=False
+    )
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert summary["accepted"] == 1 and summary["rejected"] == 1
     assert all("over --max-seconds 2.33" in r["reason"] for r in rejects)

@@ -20,8 +20,10 @@ def test_tiny_model_loads_through_from_pretrained(tiny_model_dir):
     assert all(hasattr(layer, "audio_mlp") for layer in model.layers)
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = {name: tok.convert_tokens_to_ids(name) for name in
-           ("<|AUDIO|>", "<|AUDIO_OUT|>", "<|audio_out_bos|>", "<|audio_eos|>", "<|end_of_text|>")}
+    ids = {
+        name: tok.convert_tokens_to_ids(name)
+        for name in ("<|AUDIO|>", "<|AUDIO_OUT|>", "<|audio_out_bos|>", "<|audio_eos|>", "<|end_of_text|>")
+    }
     assert ids["<|AUDIO|>"] == config.audio_in_token_idx
     assert ids["<|AUDIO_OUT|>"] == config.audio_out_token_idx
     assert ids["<|audio_out_bos|>"] == config.audio_out_bos_token_id
@@ -35,12 +37,18 @@ def test_prepare_chatml_sample_uses_llama3_headers_and_special_tokens(tiny_model
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    sample = {"messages": [{"role": "user", "content": "Hi there."},
-                           {"role": "assistant", "content": {"type": "audio", "audio_url": "x.wav"}}]}
+    sample = {
+        "messages": [
+            {"role": "user", "content": "Hi there."},
+            {"role": "assistant", "content": {"type": "audio", "audio_url": "x.wav"}},
+        ]
+    }
     input_ids, labels, audios, _ = prepare_chatml_sample(sample, tok)
     text = tok.decode(input_ids)
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there.<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|><|eot_id|>")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|><|eot_id|>"
+    )
     assert len(audios) == 1
     trained = tok.decode([i for i, label in zip(input_ids, labels) if label != -100])
     assert trained == "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|><|eot_id|>"

@@ -20,11 +20,16 @@ from .conftest import REPO
 def test_config_precedence_and_unknown_keys(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('model = "m"\nmax_steps = 5\n[data]\nbatch_size = 3\nshards = ["a"]\n')
-    cfg = load_config(TrainConfig, str(path), ["--data.batch_size", "7", "--learning_rate=0.5",
-                                               "--loss.codebook_weights", "[1,1,1,1,1,1,1,2]"])
+    cfg = load_config(
+        TrainConfig,
+        str(path),
+        ["--data.batch_size", "7", "--learning_rate=0.5", "--loss.codebook_weights", "[1,1,1,1,1,1,1,2]"],
+    )
     assert (cfg.max_steps, cfg.data.batch_size, cfg.learning_rate, cfg.data.shards) == (5, 7, 0.5, ["a"])
     assert cfg.loss.codebook_weights == (1, 1, 1, 1, 1, 1, 1, 2)
-    with pytest.raises(ConfigError, match=r"unknown setting\(s\) data.batchsize; known in this section: .*data.batch_size"):
+    with pytest.raises(
+        ConfigError, match=r"unknown setting\(s\) data.batchsize; known in this section: .*data.batch_size"
+    ):
         load_config(TrainConfig, str(path), ["--data.batchsize", "7"])
     with pytest.raises(ConfigError, match="max_steps: expected int"):
         load_config(TrainConfig, None, ["--max_steps", "many"])
@@ -59,25 +64,48 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     outputs = template.compute_sft_loss(model, dict(batch))
     assert outputs.logits is None  # SWIFT's token accuracy is not computed on mismatched shapes
     reference = model(**{k: v for k, v in batch.items() if k != "labels"})
-    text = F.cross_entropy(reference.logits[:, :-1].flatten(0, 1), reference.expanded_labels[:, 1:].flatten(),
-                           ignore_index=-100)
-    audio = F.cross_entropy(reference.audio_logits[:-1].flatten(0, 1), batch["label_audio_ids"][:, 1:].T.flatten(),
-                            ignore_index=-100)
+    text = F.cross_entropy(
+        reference.logits[:, :-1].flatten(0, 1), reference.expanded_labels[:, 1:].flatten(), ignore_index=-100
+    )
+    audio = F.cross_entropy(
+        reference.audio_logits[:-1].flatten(0, 1), batch["label_audio_ids"][:, 1:].T.flatten(), ignore_index=-100
+    )
     torch.testing.assert_close(outputs["loss"], text + audio)
 
 
 def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-                PYTHON=sys.executable, NPROC_PER_NODE="2", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHON=sys.executable,
+        NPROC_PER_NODE="2",
+        MASTER_PORT=str(29500 + os.getpid() % 1000),
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shards, tiny_model_dir):
     out = tmp_path / "train"
-    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(REPO / "configs" / "demo.toml"), "--model",
-           str(tiny_model_dir), "--output_dir", str(out), "--data.shards", json.dumps([str(small_shards)]),
-           "--max_steps", "30", "--save_steps", "30", "--data.batch_size", "2"]
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "torchrun.sh"),
+        str(REPO / "configs" / "demo.toml"),
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--data.shards",
+        json.dumps([str(small_shards)]),
+        "--max_steps",
+        "30",
+        "--save_steps",
+        "30",
+        "--data.batch_size",
+        "2",
+    ]
     run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "[higgs-ds] step 30/30" in run.stdout + run.stderr
@@ -96,10 +124,18 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
     cli = [sys.executable, "-m", "higgs_ds.cli"]
     subprocess.run(cli + ["export", str(out), "--out", str(export_dir)], check=True, env=_env(), capture_output=True)
     assert json.loads((export_dir / "codec.json").read_text())["codec"]["num_codebooks"] == 8
-    check = subprocess.run(cli + ["check-export", str(export_dir), "--probe", str(out / "probe.pt")], env=_env(),
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        cli + ["check-export", str(export_dir), "--probe", str(out / "probe.pt")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0 and json.loads(check.stdout.splitlines()[-1])["equal"], check.stdout + check.stderr
     # the check can fail: the untrained model's logits differ from the trained model's
-    untrained = subprocess.run(cli + ["check-export", str(tiny_model_dir), "--probe", str(out / "probe.pt")],
-                               env=_env(), capture_output=True, text=True)
+    untrained = subprocess.run(
+        cli + ["check-export", str(tiny_model_dir), "--probe", str(out / "probe.pt")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert untrained.returncode == 1 and not json.loads(untrained.stdout.splitlines()[-1])["equal"]
