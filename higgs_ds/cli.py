@@ -21,14 +21,69 @@ def _tiny_codec(args):
     print(f"wrote {write_tiny_codec(args.out_dir, seed=args.seed)}")
 
 
+def _parse_size(text: str) -> tuple[int | None, int | None]:
+    """'1000' -> (1000 samples, None); '256MB' / '1GB' -> (None, bytes)."""
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    try:
+        for unit, factor in units.items():
+            if text.upper().endswith(unit):
+                return None, int(float(text[: -len(unit)]) * factor)
+        return int(text), None
+    except ValueError:
+        raise UserError(f"--shard-size must be a sample count (1000) or a size (256MB), got {text!r}") from None
+
+
 def _shards_build(args):
-    from higgs_ds.codec import resolve_codec
     from higgs_ds.shard_build import BuildConfig, build_shards
 
-    codec = resolve_codec(args.codec, device=args.device)
-    cfg = BuildConfig(max_seconds=args.max_seconds, shard_samples=args.shard_samples, fast_fail=args.fast_fail)
-    summary = build_shards(args.manifests, args.out, codec, cfg)
+    samples, size = _parse_size(args.shard_size)
+    try:
+        index, count = (int(x) for x in args.slice.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--slice must be I/N with 0 <= I < N, got {args.slice!r}") from None
+    cfg = BuildConfig(
+        max_seconds=args.max_seconds,
+        max_sample_seconds=args.max_sample_seconds,
+        shard_samples=samples or 10**9,
+        shard_bytes=size or 256 << 20,
+        min_shards=args.min_shards,
+        workers=args.workers,
+        fast_fail=args.fast_fail,
+        slice_index=index,
+        num_slices=count,
+        resume=args.resume,
+        tokenizer=args.tokenizer,
+    )
+    summary = build_shards(args.manifests, args.out, args.codec, cfg, device=args.device)
     print(json.dumps(summary, indent=1))
+    if "warning" in summary:
+        print(f"higgs-ds shards build: warning: {summary['warning']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _shards_index(args):
+    from higgs_ds.shard_build import merge_slices
+
+    print(json.dumps(merge_slices(args.dir), indent=1))
+
+
+def _shards_verify(args):
+    from higgs_ds.shard_verify import verify_shards
+
+    result = verify_shards(args.dir)
+    print(json.dumps(result, indent=1))
+    for path, why in result["bad_shards"].items():
+        print(f"bad shard {path}: {why}", file=sys.stderr)
+    return 1 if result["bad_shards"] else 0
+
+
+def _shards_stats(args):
+    from higgs_ds.shard_verify import shard_stats
+
+    print(json.dumps(shard_stats(args.dir, plot=args.plot), indent=1))
 
 
 def _train(args):
@@ -77,17 +132,57 @@ def parser() -> argparse.ArgumentParser:
     s = shards.add_parser(
         "build",
         help="manifest(s) -> audio -> codec codes -> tar shards + index.json",
-        description="Decode, resample to 24 kHz and encode every audio item once; write "
-        "shards, index.json and rejects.jsonl (every line not written, with its reason).",
+        description="Decode, resample to 24 kHz and encode every audio item once; write shards, index.json and "
+        "rejects.jsonl (every input line not written, with its reason).",
     )
-    s.add_argument("manifests", nargs="+", help="ChatML or plain-TTS JSONL manifests")
+    s.add_argument("manifests", nargs="+", help="ChatML or plain-TTS JSONL manifests (audio paths relative to each)")
     s.add_argument("--out", required=True, help="output shard directory")
     s.add_argument("--codec", required=True, help="codec directory (config.json + model.pth), or 'tiny'")
-    s.add_argument("--max-seconds", type=float, default=30.0, help="reject audio items longer than this")
-    s.add_argument("--shard-samples", type=int, default=1000, help="samples per shard")
-    s.add_argument("--fast-fail", action="store_true", help="stop at the first bad sample")
+    s.add_argument("--max-seconds", type=float, default=30.0, help="reject audio items longer than this (30)")
+    s.add_argument(
+        "--max-sample-seconds",
+        type=float,
+        default=120.0,
+        help="reject samples holding more audio than this, references included (120)",
+    )
+    s.add_argument("--shard-size", default="1000", help="samples per shard (1000), or a size such as 256MB")
+    s.add_argument(
+        "--min-shards",
+        type=int,
+        default=1,
+        help="at least this many shards: the largest ranks x dataloader workers you will train on",
+    )
+    s.add_argument("--workers", type=int, default=1, help="encoding processes (1)")
+    s.add_argument(
+        "--slice",
+        default="0/1",
+        help="I/N: build the I-th of N parts of the input (job arrays); merge: `higgs-ds shards index DIR`",
+    )
+    s.add_argument("--resume", action="store_true", help="continue an interrupted build after its last complete shard")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--fault-tolerant",
+        dest="fast_fail",
+        action="store_false",
+        help="record bad samples in rejects.jsonl and go on (default)",
+    )
+    mode.add_argument("--fast-fail", dest="fast_fail", action="store_true", help="stop at the first bad sample")
+    s.add_argument("--tokenizer", default=None, help="model directory: store exact expanded lengths per sample")
     s.add_argument("--device", default="cpu", help="codec device: cpu or cuda")
-    s.set_defaults(func=_shards_build)
+    s.set_defaults(func=_shards_build, fast_fail=False)
+
+    s = shards.add_parser("index", help="merge the slice indexes of a --slice build into index.json")
+    s.add_argument("dir")
+    s.set_defaults(func=_shards_index)
+
+    s = shards.add_parser("verify", help="re-hash and decode every shard; exit 1 naming each bad shard")
+    s.add_argument("dir")
+    s.set_defaults(func=_shards_verify)
+
+    s = shards.add_parser("stats", help="hours, samples, speakers, duration and expanded-length histograms")
+    s.add_argument("dir")
+    s.add_argument("--plot", default=None, help="write the histograms to this PNG")
+    s.set_defaults(func=_shards_stats)
 
     s = sub.add_parser("train", help="train through ms-swift + DeepSpeed (run under torchrun)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)

@@ -42,7 +42,7 @@ RELEASED_CODEC_CONFIG = {
 # The tiny codec keeps the released geometry (so its codes have the released shape and rate) and only
 # makes the HuBERT teacher shallow, which is where the CPU time would otherwise go.
 TINY_TEACHER_CONFIG = {"num_hidden_layers": 2, "intermediate_size": 1024}
-TINY_CODEC_VERSION = "tiny-codec-v1"
+TINY_CODEC_VERSION = "tiny-codec-v2"
 
 
 class CodecError(UserError):
@@ -174,6 +174,12 @@ def load_codec(path: str | os.PathLike, device: str = "cpu") -> Codec:
             f"{path / 'semantic_teacher' / 'config.json'} to match the checkpoint."
         )
     model.to(device).eval()
+    if _uninitialised_codebooks(model):
+        raise CodecError(
+            f"codec weights {weights_path} hold uninitialised codebooks "
+            f"({_uninitialised_codebooks(model)[:2]}...): codes would depend on the first clip encoded; "
+            "use a trained codec checkpoint"
+        )
     if model.n_q != NUM_CODEBOOKS or model.sample_rate != CODEC_SAMPLE_RATE:
         raise CodecError(
             f"codec at {path} has {model.n_q} codebooks at {model.sample_rate} Hz; Higgs-Audio v2 needs "
@@ -198,19 +204,32 @@ def _codec_name(path: Path) -> str:
 
 
 def write_tiny_codec(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a random-weight codec directory in the released layout (plus the teacher config)."""
+    """Write a random-weight codec directory in the released layout (plus the teacher config).
+
+    The RVQ codebooks are built with kmeans_init: untrained, they hold zeros and are fitted to the first
+    batch ever encoded, so codes would depend on which clip came first. Here they are fitted once, at
+    build time, to a fixed seeded signal, and saved as initialised like the released checkpoint's."""
     import torch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = _construct(RELEASED_CODEC_CONFIG, TINY_TEACHER_CONFIG, "cpu")
+    model = _construct(RELEASED_CODEC_CONFIG, TINY_TEACHER_CONFIG, "cpu").eval()
+    t = torch.arange(4 * CODEC_SAMPLE_RATE) / CODEC_SAMPLE_RATE
+    signal = 0.3 * torch.sin(2 * torch.pi * (120 + 400 * t) * t) + 0.05 * torch.randn(len(t))
+    with torch.inference_mode():
+        model._xcodec_encode(signal.view(1, 1, -1))
+    assert _uninitialised_codebooks(model) == []
     torch.save(model.state_dict(), out / "model.pth")
     (out / "config.json").write_text(json.dumps(RELEASED_CODEC_CONFIG, indent=1))
     (out / "higgs_ds_codec.json").write_text(json.dumps({"name": TINY_CODEC_VERSION, "seed": seed}))
     (out / "semantic_teacher").mkdir(exist_ok=True)
     (out / "semantic_teacher" / "config.json").write_text(json.dumps(TINY_TEACHER_CONFIG, indent=1))
     return out
+
+
+def _uninitialised_codebooks(model) -> list[str]:
+    return [name for name, buf in model.named_buffers() if name.endswith("inited") and not bool(buf.all())]
 
 
 def cache_dir() -> Path:

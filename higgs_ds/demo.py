@@ -73,14 +73,10 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
     shard_dir = work / "shards"
     if not (shard_dir / "index.json").is_file():
         _say(f"building shards of {DEMO_MANIFEST.relative_to(REPO)} with the tiny codec into {shard_dir}")
-        import torch
-
-        from higgs_ds.codec import resolve_codec
         from higgs_ds.shard_build import BuildConfig, build_shards
 
-        torch.set_num_threads(2)
         summary = build_shards(
-            [str(DEMO_MANIFEST)], str(shard_dir), resolve_codec("tiny"), BuildConfig(shard_samples=8)
+            [str(DEMO_MANIFEST)], str(shard_dir), "tiny", BuildConfig(shard_samples=8, tokenizer=str(model_dir))
         )
         _say(
             f"shards: {summary['accepted']} samples accepted, {summary['rejected']} rejected, "

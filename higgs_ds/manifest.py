@@ -145,11 +145,21 @@ def _resolve(url: str, root: Path) -> str:
     return str(resolved)
 
 
-def read_manifest(path: str | os.PathLike) -> Iterator[ManifestSample | Reject]:
+def iter_manifests(paths: list) -> Iterator[tuple[int, ManifestSample | Reject]]:
+    """(ordinal, item) over the non-blank lines of several manifests; sample ids must be unique across all."""
+    seen_ids: dict[str, str] = {}
+    ordinal = 0
+    for path in paths:
+        for item in read_manifest(path, seen_ids):
+            yield ordinal, item
+            ordinal += 1
+
+
+def read_manifest(path: str | os.PathLike, seen_ids: dict | None = None) -> Iterator[ManifestSample | Reject]:
     """Yield one ManifestSample or Reject per non-blank line of the manifest."""
     path = Path(path)
     root = path.parent
-    seen_ids: dict[str, int] = {}
+    seen_ids = {} if seen_ids is None else seen_ids
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             sample_id = None
@@ -176,8 +186,8 @@ def read_manifest(path: str | os.PathLike) -> Iterator[ManifestSample | Reject]:
                 else:
                     raise BadSample("line is neither ChatML ('messages') nor a TTS item ('audio' and 'text')")
                 if sample_id in seen_ids:
-                    raise BadSample(f"duplicate sample id {sample_id!r} (first on line {seen_ids[sample_id]})")
-                seen_ids[sample_id] = number
+                    raise BadSample(f"duplicate sample id {sample_id!r} (first at {seen_ids[sample_id]})")
+                seen_ids[sample_id] = f"{path.name} line {number}"
                 audio_paths = tuple(_resolve(item["audio_url"], root) for _, item in audio_items(chatml["messages"]))
                 yield ManifestSample(sample_id, str(path), number, chatml, audio_paths)
             except BadSample as err:

@@ -1,26 +1,36 @@
 """The shard builder: manifests -> audio -> codec codes -> shards + index + rejects.
 
-    higgs-ds shards build MANIFEST [MANIFEST ...] --out DIR --codec tiny|PATH
+    higgs-ds shards build MANIFEST [MANIFEST ...] --out DIR --codec tiny|PATH [--workers N] [--slice I/N]
 
 Audio is decoded, resampled to 24 kHz and encoded once here, so training never touches waveforms.
-Each input line ends up either in a shard or in DIR/rejects.jsonl with its reason; the summary counts
-both and the build fails if they do not add up to the input.
+
+* Every non-blank input line ends up either in a shard or in rejects.jsonl with its reason; the build
+  checks accepted + rejected = input lines. Sample keys are the line's ordinal in the whole input, so
+  keys, order and content do not depend on the number of workers or slices.
+* `--workers N` encodes in N processes (ordered results: the same shards whatever N is). Inside a
+  worker, clips of exactly equal length are encoded as one batch (padding would change their codes).
+* `--slice I/N` builds the I-th contiguous part of the input (for job arrays): its shards are named
+  shard-IIII-NNNNNN.tar and it writes index.slice-I-of-N.json; `higgs-ds shards index DIR` merges them.
+* A journal line is written after each completed shard; `--resume` verifies the journalled shards and
+  continues after the last one instead of starting again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from higgs_ds.audio import AudioError, load_audio
+from higgs_ds.codec import sha256_file
 from higgs_ds.errors import UserError
-from higgs_ds.manifest import ManifestSample, Reject, audio_items, read_manifest
-from higgs_ds.shard_writer import REJECTS_NAME, ShardWriter, write_index
+from higgs_ds.manifest import ManifestSample, Reject, audio_items, iter_manifests
+from higgs_ds.shard_writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
 
 
 @dataclass(frozen=True)
@@ -32,90 +42,370 @@ class BuildConfig:
     shard_samples: int = 1000
     """Samples per shard (a shard also closes at shard_bytes)."""
     shard_bytes: int = 256 << 20
+    """Bytes per shard (approximate: a shard closes after the sample that reaches it)."""
+    min_shards: int = 1
+    """Make shards small enough that there are at least this many (ranks x dataloader workers)."""
+    workers: int = 1
+    """Encoding processes."""
+    chunk: int = 32
+    """Samples handed to a worker at a time (equal-length clips inside a chunk are batched)."""
     fast_fail: bool = False
     """Stop at the first bad sample instead of recording it in rejects.jsonl."""
+    slice_index: int = 0
+    num_slices: int = 1
+    resume: bool = False
+    tokenizer: str | None = None
+    """Model directory whose tokenizer gives exact expanded lengths (stored per sample and per shard)."""
 
 
 class BuildError(UserError):
     pass
 
 
-def _encode_sample(sample: ManifestSample, codec, cfg: BuildConfig, cache: dict) -> tuple[dict, np.ndarray, float, int]:
-    codes_list, items, total_seconds = [], [], 0.0
-    target_frames = 0
+def slice_names(cfg: BuildConfig) -> tuple[str, str, str, str]:
+    """(shard name pattern, index file, rejects file, journal file) of this slice."""
+    if cfg.num_slices == 1:
+        return "shard-{:06d}.tar", INDEX_NAME, REJECTS_NAME, ".build-journal.jsonl"
+    tag = f"slice-{cfg.slice_index:04d}-of-{cfg.num_slices:04d}"
+    return (
+        f"shard-{cfg.slice_index:04d}-" + "{:06d}.tar",
+        f"index.{tag}.json",
+        f"rejects.{tag}.jsonl",
+        f".build-journal.{tag}.jsonl",
+    )
+
+
+# ---------------------------------------------------------------- encoding (runs in worker processes)
+
+_WORKER: dict = {}
+
+
+def _init_worker(codec_spec: str, device: str, tokenizer: str | None, threads: int) -> None:
+    import torch
+
+    from higgs_ds.codec import resolve_codec
+
+    torch.set_num_threads(threads)
+    _WORKER["codec"] = resolve_codec(codec_spec, device=device)
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        _WORKER["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer)
+
+
+def _encode_clips(paths: list[str], cfg: BuildConfig) -> dict:
+    """path -> (codes, seconds) or AudioError; equal-length clips are encoded in one batch."""
+    codec = _WORKER["codec"]
+    rate = codec.provenance["sample_rate"]
+    waves, results = {}, {}
+    for path in paths:
+        try:
+            wave = load_audio(path, rate)
+            if len(wave) / rate > cfg.max_seconds:
+                raise AudioError(f"audio is {len(wave) / rate:.1f} s, over --max-seconds {cfg.max_seconds:g}: {path}")
+            waves[path] = wave
+        except AudioError as err:
+            results[path] = err
+    by_length: dict[int, list[str]] = {}
+    for path, wave in waves.items():
+        by_length.setdefault(len(wave), []).append(path)
+    for length, group in by_length.items():
+        for start in range(0, len(group), 16):
+            part = group[start : start + 16]
+            codes = codec.encode_batch(np.stack([waves[p] for p in part]))
+            for path, c in zip(part, codes):
+                results[path] = (c, length / rate)
+    return results
+
+
+def _expanded_length(chatml: dict, frames: list[int]) -> int | None:
+    tok = _WORKER.get("tokenizer")
+    if tok is None:
+        return None
+    from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+
+    from higgs_ds.encoding import expanded_length
+
+    input_ids = prepare_chatml_sample(chatml, tok)[0]
+    return expanded_length(len(input_ids), frames) if input_ids is not None else None
+
+
+def encode_chunk(items: list, cfg: BuildConfig) -> list:
+    """Manifest items (ordinal, ManifestSample | Reject) -> (ordinal, (record, codes, seconds) | Reject)."""
+    clips = _encode_clips(sorted({p for _, it in items if isinstance(it, ManifestSample) for p in it.audio_paths}), cfg)
+    out = []
+    for ordinal, item in items:
+        if isinstance(item, ManifestSample):
+            item = _assemble(item, clips, cfg)
+        out.append((ordinal, item))
+    return out
+
+
+def _assemble(sample: ManifestSample, clips: dict, cfg: BuildConfig):
+    codes, items, total, target_frames = [], [], 0.0, 0
     start = sample.chatml.get("start_index") or 0
     for (msg_index, item), path in zip(audio_items(sample.chatml["messages"]), sample.audio_paths, strict=True):
-        if path not in cache:
-            wave = load_audio(path, codec.provenance["sample_rate"])
-            seconds = len(wave) / codec.provenance["sample_rate"]
-            if seconds > cfg.max_seconds:
-                raise AudioError(f"audio is {seconds:.1f} s, over --max-seconds {cfg.max_seconds:g}: {path}")
-            cache[path] = (codec.encode(wave), seconds)
-        codes, seconds = cache[path]
-        total_seconds += seconds
-        codes_list.append(codes)
-        items.append({"url": item["audio_url"], "frames": int(codes.shape[1]), "seconds": round(seconds, 3)})
+        clip = clips[path]
+        if isinstance(clip, AudioError):
+            return Reject(sample.manifest, sample.line, sample.sample_id, str(clip))
+        c, seconds = clip
+        codes.append(c)
+        total += seconds
+        items.append({"url": item["audio_url"], "frames": int(c.shape[1]), "seconds": round(seconds, 3)})
         if sample.chatml["messages"][msg_index]["role"] == "assistant" and msg_index >= start:
-            target_frames += int(codes.shape[1])
-    if total_seconds > cfg.max_sample_seconds:
-        raise AudioError(f"sample holds {total_seconds:.1f} s of audio, over {cfg.max_sample_seconds:g} s")
+            target_frames += int(c.shape[1])
+    if total > cfg.max_sample_seconds:
+        return Reject(
+            sample.manifest,
+            sample.line,
+            sample.sample_id,
+            f"sample holds {total:.1f} s of audio, over --max-sample-seconds {cfg.max_sample_seconds:g}",
+        )
     record = dict(
-        sample.chatml, id=sample.sample_id, source={"manifest": sample.manifest, "line": sample.line}, audio=items
+        sample.chatml,
+        id=sample.sample_id,
+        source={"manifest": sample.manifest, "line": sample.line},
+        audio=items,
+        target_frames=target_frames,
     )
-    return record, np.concatenate(codes_list, axis=1), total_seconds, target_frames
+    exp = _expanded_length(sample.chatml, [i["frames"] for i in items])
+    if exp is not None:
+        record["expanded_length"] = exp
+    return record, np.concatenate(codes, axis=1), total
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def count_inputs(manifests: list[str]) -> int:
+    total = 0
+    for m in manifests:
+        with open(m, "rb") as f:
+            total += sum(1 for line in f if line.strip())
+    return total
+
+
+def _chunks(manifests, start: int, end: int, size: int):
+    chunk = []
+    for ordinal, item in iter_manifests(manifests):
+        if ordinal >= end:
+            break
+        if ordinal < start:
+            continue
+        chunk.append((ordinal, item))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Journal:
+    """State after each completed shard, so an interrupted build resumes after its last complete shard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def last_state(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        states = []
+        for line in lines:
+            try:
+                states.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a kill: everything before it is good
+        return states[-1] if states else None
+
+    def append(self, state: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(state) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def build_shards(
-    manifests: list[str], out_dir: str, codec, cfg: BuildConfig = BuildConfig(), progress: bool = True
+    manifests: list[str],
+    out_dir: str,
+    codec_spec: str = "tiny",
+    cfg: BuildConfig = BuildConfig(),
+    device: str = "cpu",
+    progress: bool = True,
 ) -> dict:
-    """Build shards; returns the summary (also stored in index.json under "build")."""
+    """Build this slice's shards; returns the summary (also stored in the index under "build")."""
     from tqdm import tqdm
 
+    from higgs_ds.codec import resolve_codec
+
+    started = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    writer = ShardWriter(out, max_samples=cfg.shard_samples, max_bytes=cfg.shard_bytes)
-    reasons: Counter = Counter()
-    num_inputs = accepted = 0
-    audio_seconds = 0.0
-    cache: dict = {}  # path -> (codes, seconds): a clip used by several samples is encoded once
-    bar = tqdm(desc="shards build", unit="sample", disable=not progress, dynamic_ncols=True, mininterval=2.0)
-    with open(out / REJECTS_NAME, "w") as rejects:
-        for manifest in manifests:
-            for item in read_manifest(manifest):
-                num_inputs += 1
-                if isinstance(item, ManifestSample):
-                    try:
-                        record, codes, seconds, target_frames = _encode_sample(item, codec, cfg, cache)
-                    except AudioError as err:
-                        item = Reject(item.manifest, item.line, item.sample_id, str(err))
-                    else:
-                        writer.write(record, codes, seconds, target_frames)
-                        accepted += 1
-                        audio_seconds += seconds
+    pattern, index_name, rejects_name, journal_name = slice_names(cfg)
+    if (out / index_name).exists():
+        if cfg.resume:
+            return json.loads((out / index_name).read_text())["build"] | {"already_complete": True}
+        raise BuildError(f"{out / index_name} exists: this build is complete; use another --out directory")
+    journal = _Journal(out / journal_name)
+    state = journal.last_state() if cfg.resume else None
+    if not cfg.resume and (journal.path.exists() or list(out.glob(pattern.replace("{:06d}", "*")))):
+        raise BuildError(f"{out} holds shards of an unfinished build; pass --resume to continue it")
+
+    total = count_inputs(manifests)
+    start, end = total * cfg.slice_index // cfg.num_slices, total * (cfg.slice_index + 1) // cfg.num_slices
+    if cfg.min_shards > 1:  # small enough shards that the planned ranks x workers all get one
+        cfg = replace(cfg, shard_samples=max(1, min(cfg.shard_samples, (end - start) // cfg.min_shards)))
+
+    codec = resolve_codec(codec_spec, device=device)  # the driver needs provenance; workers load their own
+    writer = ShardWriter(out, max_samples=cfg.shard_samples, max_bytes=cfg.shard_bytes, name_pattern=pattern)
+    counts = {"accepted": 0, "rejected": 0, "audio_seconds": 0.0, "reasons": Counter()}
+    next_ordinal = start
+    if state:
+        for shard in state["shards"]:
+            if sha256_file(out / shard["file"]) != shard["sha256"]:
+                raise BuildError(
+                    f"{out / shard['file']} does not match its journal entry; start the build again "
+                    f"in an empty directory"
+                )
+        writer.restore(state["shards"])
+        counts.update(
+            accepted=state["accepted"],
+            rejected=state["rejected"],
+            audio_seconds=state["audio_seconds"],
+            reasons=Counter(state["reasons"]),
+        )
+        next_ordinal = state["next_ordinal"]
+        with open(out / rejects_name, "r+b") as f:
+            f.truncate(state["rejects_bytes"])
+    rejects = open(out / rejects_name, "ab" if state else "wb")
+
+    def on_shard(last_ordinal: int) -> None:
+        rejects.flush()
+        journal.append(
+            {
+                "shards": writer.shards,
+                "next_ordinal": last_ordinal + 1,
+                "rejects_bytes": rejects.tell(),
+                "accepted": counts["accepted"],
+                "rejected": counts["rejected"],
+                "audio_seconds": counts["audio_seconds"],
+                "reasons": dict(counts["reasons"]),
+            }
+        )
+
+    bar = tqdm(
+        total=end - start,
+        initial=next_ordinal - start,
+        desc="shards build",
+        unit="sample",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
+    threads = max(1, (os.cpu_count() or 1) // max(cfg.workers, 1))
+    chunks = _chunks(manifests, next_ordinal, end, cfg.chunk)
+    if cfg.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (codec_spec, device, cfg.tokenizer, threads))
+        results = pool.imap(_encode_chunk_task, ((c, cfg) for c in chunks))
+    else:
+        pool = None
+        _init_worker(codec_spec, device, cfg.tokenizer, os.cpu_count() or 1)
+        results = (encode_chunk(c, cfg) for c in chunks)
+    try:
+        for chunk in results:
+            for ordinal, item in chunk:
                 if isinstance(item, Reject):
                     if cfg.fast_fail:
                         raise BuildError(f"{item.manifest}:{item.line} ({item.sample_id}): {item.reason}")
-                    rejects.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
-                    reasons[item.reason.split(":")[0]] += 1
+                    rejects.write((json.dumps(item.to_json(), ensure_ascii=False) + "\n").encode())
+                    counts["rejected"] += 1
+                    counts["reasons"][item.reason.split(":")[0].split(" (")[0]] += 1
+                else:
+                    record, codes, seconds = item
+                    counts["accepted"] += 1
+                    counts["audio_seconds"] += seconds
+                    if writer.write(f"{ordinal:09d}", record, codes, seconds):
+                        on_shard(ordinal)
                 bar.update(1)
-                bar.set_postfix(audio_h=f"{audio_seconds / 3600:.3f}", rejected=sum(reasons.values()))
-    bar.close()
+            bar.set_postfix(audio_h=f"{counts['audio_seconds'] / 3600:.3f}", rejected=counts["rejected"])
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
     shards = writer.close()
-    rejected = sum(reasons.values())
-    if accepted + rejected != num_inputs:  # an invariant of this function, checked on every build
-        raise BuildError(f"accounting error: {accepted} accepted + {rejected} rejected != {num_inputs} inputs")
+    rejects.close()
+    num_inputs = end - start
+    if counts["accepted"] + counts["rejected"] != num_inputs:  # an invariant of this function
+        raise BuildError(
+            f"accounting error: {counts['accepted']} accepted + {counts['rejected']} rejected != {num_inputs} inputs"
+        )
     summary = {
         "inputs": num_inputs,
-        "accepted": accepted,
-        "rejected": rejected,
-        "rejected_by_reason": dict(reasons),
-        "audio_hours": round(audio_seconds / 3600, 4),
+        "accepted": counts["accepted"],
+        "rejected": counts["rejected"],
+        "rejected_by_reason": dict(counts["reasons"]),
+        "audio_hours": round(counts["audio_seconds"] / 3600, 4),
         "shards": len(shards),
         "bytes": sum(s["bytes"] for s in shards),
         "manifests": [str(m) for m in manifests],
+        "slice": [cfg.slice_index, cfg.num_slices],
+        "input_range": [start, end],
     }
-    if not shards:
-        raise BuildError(f"no sample was accepted from {manifests}; see {out / REJECTS_NAME}")
-    write_index(out, shards, codec.provenance, summary)
+    if not shards and cfg.num_slices == 1:
+        raise BuildError(f"no sample was accepted from {manifests}; see {out / rejects_name}")
+    write_index(out / index_name, shards, codec.provenance, summary)
+    journal.path.unlink(missing_ok=True)
+    if len(shards) < cfg.min_shards:
+        summary["warning"] = (
+            f"only {len(shards)} shards for --min-shards {cfg.min_shards} (rejects shrank the set); "
+            "rebuild with a smaller --shard-size"
+        )
     return summary | {"wall_seconds": round(time.time() - started, 1)}
+
+
+def _encode_chunk_task(args):
+    chunk, cfg = args
+    return encode_chunk(chunk, cfg)
+
+
+def merge_slices(out_dir: str) -> dict:
+    """Combine the slice indexes (and rejects) of a job-array build into index.json and rejects.jsonl."""
+    out = Path(out_dir)
+    parts = sorted(out.glob("index.slice-*-of-*.json"))
+    if not parts:
+        raise BuildError(f"no index.slice-*.json in {out}: nothing to merge")
+    num = int(parts[0].name.split("-of-")[1].split(".")[0])
+    indexes = [json.loads(p.read_text()) for p in parts]
+    found = sorted(i["build"]["slice"][0] for i in indexes)
+    if found != list(range(num)) or any(i["build"]["slice"][1] != num for i in indexes):
+        missing = sorted(set(range(num)) - set(found))
+        raise BuildError(f"{out} has slices {found} of {num}; missing {missing}: run those slices (or --resume them)")
+    codecs = {json.dumps(i["codec"], sort_keys=True) for i in indexes}
+    if len(codecs) != 1:
+        raise BuildError(f"the slices in {out} were built with different codecs; rebuild them with one codec")
+    indexes.sort(key=lambda i: i["build"]["slice"][0])
+    with open(out / REJECTS_NAME, "wb") as merged:
+        for i in range(num):
+            part = out / f"rejects.slice-{i:04d}-of-{num:04d}.jsonl"
+            merged.write(part.read_bytes())
+    summary = {
+        "inputs": 0,
+        "accepted": 0,
+        "rejected": 0,
+        "rejected_by_reason": Counter(),
+        "audio_hours": 0.0,
+        "shards": 0,
+        "bytes": 0,
+        "manifests": indexes[0]["build"]["manifests"],
+        "slices": num,
+    }
+    for i in indexes:
+        for key in ("inputs", "accepted", "rejected", "shards", "bytes", "audio_hours"):
+            summary[key] += i["build"][key]
+        summary["rejected_by_reason"].update(i["build"]["rejected_by_reason"])
+    summary["audio_hours"] = round(summary["audio_hours"], 4)
+    summary["rejected_by_reason"] = dict(summary["rejected_by_reason"])
+    write_index(out / INDEX_NAME, [s for i in indexes for s in i["shards"]], indexes[0]["codec"], summary)
+    return summary

@@ -2,16 +2,21 @@
 
 On-disk layout of a shard directory (schema 1):
 
-    DIR/shard-000000.tar      WebDataset tar; per sample two members with the same key (a 9-digit ordinal):
+    DIR/shard-000000.tar      WebDataset tar; per sample two members with the same key (the sample's
+                              9-digit ordinal in the build's whole input):
         KEY.json              the ChatML sample (messages with their original audio_url), its source
-                              (manifest, line), speaker, and "audio": [{"url", "frames", "seconds"}] in order
+                              (manifest, line), speaker, "audio": [{"url", "frames", "seconds"}] in order of
+                              appearance, "target_frames", and "expanded_length" when built with --tokenizer
         KEY.codes.npy         uint16 (num_codebooks, sum of frames): every audio item's codes, concatenated
-                              in order of appearance (no pickle: numpy .npy with a plain dtype)
-    DIR/index.json            schema version, codec provenance, per-shard file/count/bytes/sha256/seconds
+                              in order of appearance (numpy .npy with a plain dtype: no pickle)
+    DIR/index.json            schema version, codec provenance, per-shard file/count/bytes/sha256/seconds,
+                              target-frame and expanded-length statistics, and the build summary
     DIR/rejects.jsonl         every input line that was not written, with its reason
 
-Tar members get fixed metadata (mtime 0, fixed owner and mode), so the same input gives the same bytes.
-Shards are written to a temporary name and renamed when complete, so a complete-looking shard is complete.
+A job-array build (--slice I/N) names its shards shard-IIII-NNNNNN.tar and writes index.slice-*.json and
+rejects.slice-*.jsonl until `higgs-ds shards index` merges them. Tar members get fixed metadata (mtime 0,
+fixed owner and mode), so the same input gives the same bytes. Shards are written under a temporary name
+and renamed when complete, so a shard that exists is complete.
 """
 
 from __future__ import annotations
@@ -23,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ds.codec import sha256_file
+
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
-
-
-def shard_name(number: int) -> str:
-    return f"shard-{number:06d}.tar"
 
 
 def encode_codes(codes: np.ndarray) -> bytes:
@@ -39,54 +42,62 @@ def encode_codes(codes: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class ShardWriter:
-    """Writes samples into numbered shards of at most `max_samples` samples / `max_bytes` bytes.
+def _stats(values: list[int]) -> dict:
+    return {"min": min(values), "max": max(values), "mean": round(sum(values) / len(values), 1), "sum": sum(values)}
 
-    `first_shard` lets parallel builders own disjoint shard numbers."""
+
+class ShardWriter:
+    """Writes samples into numbered shards of at most `max_samples` samples / about `max_bytes` bytes."""
 
     def __init__(
-        self, out_dir: str | os.PathLike, *, max_samples: int = 1000, max_bytes: int = 256 << 20, first_shard: int = 0
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        max_samples: int = 1000,
+        max_bytes: int = 256 << 20,
+        name_pattern: str = "shard-{:06d}.tar",
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.next_number = first_shard
-        self.next_key = 0
+        self.name_pattern = name_pattern
         self.shards: list[dict] = []
         self._tar = None
+
+    def restore(self, shards: list[dict]) -> None:
+        """Continue after these already complete shards (resume)."""
+        self.shards = list(shards)
 
     def _open(self) -> None:
         import webdataset as wds
 
-        name = shard_name(self.next_number)
+        name = self.name_pattern.format(len(self.shards))
         self._tmp_path = self.out_dir / f".{name}.tmp"
         self._file = open(self._tmp_path, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="higgs", group="higgs", mode=0o444)
-        self._entry = {"file": name, "num_samples": 0, "bytes": 0, "audio_seconds": 0.0, "target_frames": []}
+        self._entry = {"file": name, "num_samples": 0, "bytes": 0, "audio_seconds": 0.0}
+        self._frames, self._expanded = [], []
 
     def _finish(self) -> None:
         self._tar.close()
         self._file.close()
         final = self.out_dir / self._entry["file"]
         os.replace(self._tmp_path, final)
-        from higgs_ds.codec import sha256_file
-
-        frames = self._entry.pop("target_frames")
         self._entry.update(
             bytes=final.stat().st_size,
             sha256=sha256_file(final),
             audio_seconds=round(self._entry["audio_seconds"], 3),
-            target_frames={"min": min(frames), "max": max(frames), "sum": sum(frames)},
+            target_frames=_stats(self._frames),
         )
+        if self._expanded:
+            self._entry["expanded_lengths"] = _stats(self._expanded)
         self.shards.append(self._entry)
         self._tar = None
-        self.next_number += 1
 
-    def write(self, sample_json: dict, codes: np.ndarray, audio_seconds: float, target_frames: int) -> None:
+    def write(self, key: str, sample_json: dict, codes: np.ndarray, audio_seconds: float) -> bool:
+        """Add one sample; True when this sample completed a shard."""
         if self._tar is None:
             self._open()
-        key = f"{self.next_key:09d}"
-        self.next_key += 1
         payload = {
             "__key__": key,
             "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
@@ -95,9 +106,13 @@ class ShardWriter:
         self._entry["bytes"] += self._tar.write(payload)
         self._entry["num_samples"] += 1
         self._entry["audio_seconds"] += audio_seconds
-        self._entry["target_frames"].append(target_frames)
+        self._frames.append(sample_json["target_frames"])
+        if "expanded_length" in sample_json:
+            self._expanded.append(sample_json["expanded_length"])
         if self._entry["num_samples"] >= self.max_samples or self._entry["bytes"] >= self.max_bytes:
             self._finish()
+            return True
+        return False
 
     def close(self) -> list[dict]:
         if self._tar is not None:
@@ -112,7 +127,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_index(out_dir: str | os.PathLike, shards: list[dict], codec_provenance: dict, summary: dict) -> Path:
+def write_index(path: str | os.PathLike, shards: list[dict], codec_provenance: dict, summary: dict) -> Path:
     index = {
         "schema_version": SCHEMA_VERSION,
         "format": "higgs-ds webdataset shards",
@@ -122,6 +137,5 @@ def write_index(out_dir: str | os.PathLike, shards: list[dict], codec_provenance
         "shards": shards,
         "build": summary,
     }
-    path = Path(out_dir) / INDEX_NAME
     write_json_atomic(path, index)
-    return path
+    return Path(path)

@@ -72,5 +72,5 @@ def small_shards(tmp_path_factory, small_manifest, tiny_codec):
     from higgs_ds.shard_build import BuildConfig, build_shards
 
     out = tmp_path_factory.mktemp("small-shards")
-    build_shards([str(small_manifest)], str(out), tiny_codec, BuildConfig(shard_samples=3), progress=False)
+    build_shards([str(small_manifest)], str(out), "tiny", BuildConfig(shard_samples=3), progress=False)
     return out

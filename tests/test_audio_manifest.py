@@ -94,7 +94,7 @@ def test_duplicate_ids_are_rejected(tmp_path):
     (tmp_path / "m.jsonl").write_text(line + "\n" + line + "\n")
     results = list(read_manifest(tmp_path / "m.jsonl"))
     assert isinstance(results[0], ManifestSample) and isinstance(results[1], Reject)
-    assert "duplicate sample id 'same' (first on line 1)" in results[1].reason
+    assert "duplicate sample id 'same' (first at m.jsonl line 1)" in results[1].reason
 
 
 def test_demo_manifest_is_clean():

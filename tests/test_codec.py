@@ -53,3 +53,23 @@ def test_strict_loading_names_missing_and_unexpected_keys(tiny_codec, tmp_path):
         load_codec(no_weights)
     with pytest.raises(CodecError, match="does not exist"):
         load_codec(tmp_path / "nowhere")
+
+
+def test_codes_do_not_depend_on_what_was_encoded_first(tiny_codec, tmp_path):
+    rng = np.random.RandomState(7)
+    a, b = (rng.randn(24000 * 2).astype(np.float32) * 0.1 for _ in range(2))
+    first, second = load_codec(tiny_codec.path), load_codec(tiny_codec.path)
+    a_first = first.encode(a)
+    second.encode(b)
+    np.testing.assert_array_equal(second.encode(a), a_first)
+
+
+def test_uninitialised_codebooks_are_refused(tiny_codec, tmp_path):
+    state = torch.load(f"{tiny_codec.path}/model.pth", weights_only=True)
+    shutil.copytree(tiny_codec.path, tmp_path / "raw", ignore=shutil.ignore_patterns("model.pth"))
+    torch.save(
+        {k: torch.zeros_like(v) if k.endswith("inited") else v for k, v in state.items()},
+        tmp_path / "raw" / "model.pth",
+    )
+    with pytest.raises(CodecError, match="uninitialised codebooks"):
+        load_codec(tmp_path / "raw")

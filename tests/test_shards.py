@@ -65,8 +65,7 @@ def test_build_is_byte_identical_and_accounts_for_every_line(tmp_path, tiny_code
     lines.append({"messages": [{"role": "assistant", "content": {"type": "audio", "audio_url": "audio/nope.wav"}}]})
     manifest = write_manifest(tmp_path / "in", lines)
     summaries = [
-        build_shards([str(manifest)], str(tmp_path / out), tiny_codec, BuildConfig(), progress=False)
-        for out in ("a", "b")
+        build_shards([str(manifest)], str(tmp_path / out), "tiny", BuildConfig(), progress=False) for out in ("a", "b")
     ]
     assert summaries[0]["accepted"] == 2 and summaries[0]["rejected"] == 3 and summaries[0]["inputs"] == 5
     assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == (tmp_path / "b" / "shard-000000.tar").read_bytes()
@@ -78,7 +77,7 @@ def test_build_is_byte_identical_and_accounts_for_every_line(tmp_path, tiny_code
 def test_over_long_audio_is_rejected_not_truncated(tmp_path, tiny_codec):
     manifest = write_manifest(tmp_path / "in", demo_lines({"alice_001", "bob_002"}))
     summary = build_shards(
-        [str(manifest)], str(tmp_path / "out"), tiny_codec, BuildConfig(max_seconds=2.33), progress=False
+        [str(manifest)], str(tmp_path / "out"), "tiny", BuildConfig(max_seconds=2.33), progress=False
     )
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert summary["accepted"] == 1 and summary["rejected"] == 1
@@ -105,3 +104,104 @@ def test_reader_refuses_unknown_members_and_pickled_arrays(tmp_path):
     (tmp_path / "cut.tar").write_bytes((tmp_path / "evil.tar").read_bytes()[:700])
     with pytest.raises(ShardError, match="cut.tar"):
         list(read_shard(str(tmp_path / "cut.tar")))
+
+
+def _members(shard_dir):
+    """key -> (json, codes bytes) over all shards of a directory, in shard order."""
+    out = {}
+    index = load_index(shard_dir)
+    for shard in index["shards"]:
+        with tarfile.open(shard_dir / shard["file"]) as tar:
+            for m in tar:
+                out.setdefault(m.name.split(".")[0], {})[m.name.split(".", 1)[1]] = tar.extractfile(m).read()
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_workers_slices_and_merge_give_the_single_process_result(tmp_path, small_manifest, small_shards):
+    from higgs_ds.shard_build import merge_slices
+
+    parallel = tmp_path / "parallel"
+    build_shards([str(small_manifest)], str(parallel), "tiny", BuildConfig(shard_samples=3, workers=2), progress=False)
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        assert (parallel / name).read_bytes() == (small_shards / name).read_bytes()
+
+    sliced = tmp_path / "sliced"
+    for i in range(3):
+        build_shards(
+            [str(small_manifest)],
+            str(sliced),
+            "tiny",
+            BuildConfig(shard_samples=3, slice_index=i, num_slices=3),
+            progress=False,
+        )
+    with pytest.raises(Exception, match="index.json"):
+        load_index(sliced)  # not merged yet
+    summary = merge_slices(str(sliced))
+    assert summary["accepted"] == 8 and summary["slices"] == 3
+    assert _members(sliced) == _members(small_shards)  # same keys, same samples, same codes, same order
+    assert load_index(sliced)["num_samples"] == load_index(small_shards)["num_samples"]
+
+
+def test_merge_names_missing_slices(tmp_path, small_manifest):
+    from higgs_ds.shard_build import BuildError, merge_slices
+
+    build_shards([str(small_manifest)], str(tmp_path), "tiny", BuildConfig(slice_index=1, num_slices=3), progress=False)
+    with pytest.raises(BuildError, match=r"missing \[0, 2\]"):
+        merge_slices(str(tmp_path))
+
+
+def test_resume_continues_after_the_last_complete_shard(tmp_path, tiny_codec):
+    from higgs_ds.shard_build import BuildError
+
+    lines = demo_lines({"alice_001", "alice_002", "bob_001", "bob_002", "carol_001", "carol_002"})
+    lines.insert(4, "{bad json")
+    manifest = write_manifest(tmp_path / "in", lines)
+    cfg = BuildConfig(shard_samples=2)
+    build_shards([str(manifest)], str(tmp_path / "whole"), "tiny", cfg, progress=False)
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(BuildError, match="invalid JSON"):  # stops at line 5, after two complete shards
+        build_shards(
+            [str(manifest)], str(interrupted), "tiny", BuildConfig(shard_samples=2, fast_fail=True), progress=False
+        )
+    assert sorted(p.name for p in interrupted.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    with pytest.raises(BuildError, match="--resume"):
+        build_shards([str(manifest)], str(interrupted), "tiny", cfg, progress=False)
+    summary = build_shards(
+        [str(manifest)], str(interrupted), "tiny", BuildConfig(shard_samples=2, resume=True), progress=False
+    )
+    assert summary["accepted"] == 6 and summary["rejected"] == 1
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "rejects.jsonl"):
+        assert (interrupted / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert load_index(interrupted)["shards"] == load_index(tmp_path / "whole")["shards"]
+
+
+def test_min_shards_and_verify_and_stats(tmp_path, small_manifest, small_shards, tiny_model_dir):
+    from higgs_ds.shard_verify import shard_stats, verify_shards
+
+    out = tmp_path / "four"
+    build_shards(
+        [str(small_manifest)],
+        str(out),
+        "tiny",
+        BuildConfig(min_shards=4, tokenizer=str(tiny_model_dir)),
+        progress=False,
+    )
+    index = load_index(out)
+    assert len(index["shards"]) == 4
+    assert all(s["expanded_lengths"]["min"] > s["target_frames"]["min"] for s in index["shards"])
+
+    clean = verify_shards(str(out), progress=False)
+    assert clean["bad_shards"] == {} and clean["samples_checked"] == 8
+    data = bytearray((out / "shard-000002.tar").read_bytes())
+    data[600] ^= 0xFF
+    (out / "shard-000002.tar").write_bytes(bytes(data))
+    (out / "shard-000003.tar").unlink()
+    report = verify_shards(str(out), progress=False)
+    assert set(report["bad_shards"]) == {str(out / "shard-000002.tar"), str(out / "shard-000003.tar")}
+    assert "sha256" in report["bad_shards"][str(out / "shard-000002.tar")]
+
+    stats = shard_stats(str(small_shards), plot=str(tmp_path / "hist.png"))
+    assert stats["samples"] == 8 and stats["speakers"] == 3 and 0.003 < stats["audio_hours"] < 0.01
+    assert (tmp_path / "hist.png").read_bytes()[:4] == b"\x89PNG"

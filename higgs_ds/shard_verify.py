@@ -1,0 +1,116 @@
+"""`higgs-ds shards verify DIR` and `higgs-ds shards stats DIR`: check and describe a shard set.
+
+verify re-hashes every shard against index.json, decodes every sample and checks its codes (uint16,
+(num_codebooks, T), every code < codebook size, T agreeing with the stored duration and frame counts);
+it returns one problem per bad shard, naming the shard and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+from higgs_ds.codec import sha256_file
+from higgs_ds.shard_reader import ShardError, load_index, read_shard
+
+
+def verify_shards(shard_dir: str, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    index = load_index(shard_dir, check_files=False)  # a missing shard is reported, not fatal
+    codec = index["codec"]
+    problems: dict[str, str] = {}
+    checked = 0
+    for shard in tqdm(index["shards"], desc="verify", unit="shard", disable=not progress):
+        path = Path(shard_dir) / shard["file"]
+        try:
+            if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+                raise ShardError("size or sha256 differs from index.json (the file changed after the build)")
+            count = 0
+            for _, record in read_shard(str(path)):
+                _check_record(record, codec)
+                count += 1
+            if count != shard["num_samples"]:
+                raise ShardError(f"holds {count} samples, index.json says {shard['num_samples']}")
+            checked += count
+        except (ShardError, OSError) as err:
+            problems[str(path)] = str(err).removeprefix(f"{path}: ")
+    return {"shards": len(index["shards"]), "samples_checked": checked, "bad_shards": problems}
+
+
+def _check_record(record: dict, codec: dict) -> None:
+    meta, codes = record.get("json"), record.get("codes")
+    if meta is None or codes is None:
+        raise ShardError(f"a sample lacks its {'json' if meta is None else 'codes.npy'} member")
+    sid = meta.get("id")
+    if codes.shape[0] != codec["num_codebooks"]:
+        raise ShardError(f"sample {sid!r}: codes have {codes.shape[0]} codebooks, expected {codec['num_codebooks']}")
+    if codes.size and int(codes.max()) >= codec["codebook_size"]:
+        raise ShardError(f"sample {sid!r}: code {int(codes.max())} >= codebook size {codec['codebook_size']}")
+    frames = [a["frames"] for a in meta["audio"]]
+    if sum(frames) != codes.shape[1]:
+        raise ShardError(f"sample {sid!r}: codes hold {codes.shape[1]} frames, its audio items {sum(frames)}")
+    for item in meta["audio"]:
+        expected = math.ceil(round(item["seconds"] * codec["sample_rate"]) / codec["hop_length"])
+        if not expected - 1 <= item["frames"] <= expected:
+            raise ShardError(f"sample {sid!r}: {item['frames']} frames for {item['seconds']} s (expected {expected})")
+
+
+def shard_stats(shard_dir: str, plot: str | None = None) -> dict:
+    index = load_index(shard_dir)
+    durations, expanded, speakers = [], [], Counter()
+    for shard in index["shards"]:
+        for _, record in read_shard(str(Path(shard_dir) / shard["file"])):
+            meta = record["json"]
+            durations.append(sum(a["seconds"] for a in meta["audio"]))
+            speakers[meta.get("speaker") or "(none)"] += 1
+            if "expanded_length" in meta:
+                expanded.append(meta["expanded_length"])
+    result = {
+        "samples": len(durations),
+        "audio_hours": round(sum(durations) / 3600, 4),
+        "speakers": len(speakers),
+        "samples_per_speaker": dict(speakers.most_common()),
+        "shards": len(index["shards"]),
+        "duration_s": _summary(durations),
+        "expanded_length": _summary(expanded) if expanded else None,
+    }
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2 if expanded else 1, figsize=(10 if expanded else 5, 3.5), squeeze=False)
+        axes[0][0].hist(durations, bins=30)
+        axes[0][0].set(title="audio per sample", xlabel="seconds", ylabel="samples")
+        if expanded:
+            axes[0][1].hist(expanded, bins=30)
+            axes[0][1].set(title="expanded length", xlabel="positions")
+        fig.suptitle(f"{shard_dir}: {len(durations)} samples, {result['audio_hours']} h, {len(speakers)} speakers")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=100)
+        result["plot"] = plot
+    return result
+
+
+def _summary(values: list) -> dict:
+    ordered = sorted(values)
+
+    def pct(p):
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    return {
+        "min": ordered[0],
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 3),
+    }
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=1))
