@@ -211,7 +211,7 @@ class SlurmCluster:
         ctld_port = _free_port()
         lines = [
             "ClusterName=ci",
-            f"SlurmctldHost={socket.gethostname()}(127.0.0.1)",
+            f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",  # slurmctld checks its short name
             f"SlurmctldPort={ctld_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
