@@ -32,17 +32,41 @@ def make_collator(model_config):
     )
 
 
+# What HiggsAudioModel.forward takes from a batch; the rest (labels, sample_ids) is for the trainer.
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "audio_features",
+    "audio_feature_attention_mask",
+    "audio_in_ids",
+    "audio_in_ids_start",
+    "audio_out_ids",
+    "audio_out_ids_start",
+    "audio_out_ids_start_group_loc",
+    "label_ids",
+    "label_audio_ids",
+    "reward",
+)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
 class BatchCollator:
     """Collate and turn the collator's dataclass into the dict a HF-style trainer passes to forward.
 
     `labels` is the unexpanded text labels, kept because HF/SWIFT trainers expect the key; the loss
-    uses the model's expanded labels instead (see higgs_ds.loss)."""
+    uses the model's expanded labels instead (see higgs_ds.loss). `sample_ids` names the samples."""
 
     def __init__(self, model_config):
         self.collator = make_collator(model_config)
 
     def __call__(self, samples: list) -> dict:
+        if not samples:
+            raise ValueError("empty micro-batch")
         collated = self.collator(samples)
         batch = {f.name: getattr(collated, f.name) for f in dataclasses.fields(collated)}  # no deep copy
         batch["labels"] = batch["label_ids"]
+        batch["sample_ids"] = [getattr(s, "sample_id", None) for s in samples]
         return {k: v for k, v in batch.items() if v is not None}

@@ -1,11 +1,14 @@
-"""Stages 5-7 composed: the per-rank, multi-worker training stream.
+"""Stages 5-7 composed: the per-rank, multi-worker training stream with exact resume.
 
-    loader = build_dataloader(DataConfig(shards=["shards/demo_out"]), tokenizer, model_config,
+    loader = build_dataloader(DataConfig(shards=["shards/mine"]), tokenizer, model_config,
                               rank=rank, world_size=world_size)
+    for batch in loader: ...                 # the same number of batches on every rank
+    state = loader.state_dict()              # save with the checkpoint
+    loader.load_state_dict(state)            # in a new process: continues with the next batch
 
-Every rank gets the same number of samples per epoch (see shard_reader.plan_epoch), split between its
-dataloader workers, so every rank yields the same number of batches and no rank waits for another in
-a collective at the end of an epoch. This replaces ms-swift's rank-0 streaming dispatcher.
+The epoch plan (higgs_ds.epoch_plan) fixes every rank's micro-batches before the epoch starts; each
+dataloader worker reads its round-robin share, encodes (boson's prepare_chatml_sample) and collates
+(boson's HiggsAudioSampleCollator) whole batches. This replaces ms-swift's rank-0 streaming dispatcher.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from higgs_ds.collate import BatchCollator
 from higgs_ds.encoding import SampleEncoder
-from higgs_ds.shard_reader import plan_epoch, read_positions, shard_refs, split_for_worker
+from higgs_ds.epoch_plan import BatchingConfig, PlanError, batches_for_worker, plan_epoch
+from higgs_ds.shard_reader import read_positions, shard_refs
 
 log = logging.getLogger(__name__)
 # Workers are forked after the tokenizer ran in the parent; the Rust pool must not be shared.
@@ -30,67 +34,122 @@ class DataConfig:
     shards: list[str] = field(default_factory=list)
     """Shard directories (each with an index.json), read as one data set."""
     batch_size: int = 2
-    """Samples per micro-batch on each rank."""
+    """Samples per micro-batch on each rank (used when max_tokens is not set)."""
+    max_tokens: int | None = None
+    """Budget of expanded positions per micro-batch (samples x longest sample); needs shards built with
+    --tokenizer. Samples longer than the budget are dropped and counted, never truncated."""
+    max_length: int | None = None
+    """Drop (and count) samples whose expanded length exceeds this, e.g. the model's context."""
     num_workers: int = 1
     """Dataloader worker processes per rank (0 reads in the training process)."""
     seed: int = 0
-    """Seed of the shard order; the same seed gives the same order on every rank."""
+    """Seed of the sample order; the same seed gives the same order on every rank and for any worker count."""
+
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(batch_size=self.batch_size, max_tokens=self.max_tokens, max_length=self.max_length)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """This rank's encoded samples for the current epoch (call set_epoch before each pass)."""
+    """This rank's micro-batches of encoded samples for the current epoch, from `start_batch` on."""
 
     def __init__(self, cfg: DataConfig, tokenizer, *, rank: int, world_size: int):
         if not cfg.shards:
-            raise ValueError("no shard directories given (data.shards is empty)")
+            raise PlanError("no shard directories given (data.shards is empty)")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.refs = shard_refs(cfg.shards)
         self.encode = SampleEncoder(tokenizer)
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch, self.start_batch = epoch, 0
 
     def plan(self):
-        return plan_epoch(self.refs, seed=self.cfg.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size)
+        return plan_epoch(
+            self.refs,
+            self.cfg.batching(),
+            seed=self.cfg.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def num_batches(self) -> int:
         """Micro-batches this rank (and every rank) yields per epoch."""
-        n = len(self.plan().positions)
-        workers = max(self.cfg.num_workers, 1)
-        return sum(-(-len(split_for_worker(range(n), w, workers)) // self.cfg.batch_size) for w in range(workers))
+        return len(self.plan().batches)
+
+    def check_workers(self, num_workers: int) -> None:
+        batches = self.num_batches()
+        if num_workers > batches:
+            raise PlanError(
+                f"{num_workers} dataloader workers but only {batches} micro-batches per rank per epoch; "
+                f"use at most {batches} workers (data.num_workers) or more data"
+            )
 
     def __iter__(self):
         plan = self.plan()
         info = torch.utils.data.get_worker_info()
-        positions = split_for_worker(plan.positions, info.id, info.num_workers) if info else plan.positions
-        if info is None or info.id == 0:
-            if plan.num_repeated and self.rank == 0:
-                log.info(
-                    "epoch %d: %d samples repeated so every one of %d ranks gets %d",
-                    self.epoch,
-                    plan.num_repeated,
-                    self.world_size,
-                    len(plan.positions),
-                )
-        for record in read_positions(self.refs, positions):
-            yield self.encode(record)
+        remaining = plan.batches[self.start_batch :]
+        mine = batches_for_worker(remaining, info.id, info.num_workers) if info else remaining
+        if (info is None or info.id == 0) and self.rank == 0 and self.start_batch == 0:
+            log.info(
+                "epoch %d: %d batches per rank; %d samples repeated, %d dropped over the length limits, "
+                "%d batches split to equalise ranks",
+                self.epoch,
+                len(plan.batches),
+                plan.num_repeated,
+                plan.num_dropped,
+                plan.num_split,
+            )
+        for batch in mine:
+            yield [self.encode(record) for record in read_positions(self.refs, batch)]
 
 
 class EpochDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader that forwards set_epoch to its dataset (HF Trainer calls it at every epoch)."""
+    """A DataLoader over a ShardStream that knows its position: state_dict() after k batches, then
+    load_state_dict() in a new process, continues with batch k+1 of the same epoch (any worker count)."""
 
-    def set_epoch(self, epoch: int) -> None:
+    def __init__(self, stream: ShardStream, collate_fn, num_workers: int):
+        stream.check_workers(num_workers)
+        super().__init__(
+            stream,
+            batch_size=None,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
+            persistent_workers=False,
+            multiprocessing_context="fork" if num_workers else None,
+        )
+        self._consumed = 0
+
+    def set_epoch(self, epoch: int) -> None:  # HF Trainer calls this at every epoch
         self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        self._consumed = self.dataset.start_batch
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+        self.dataset.start_batch = 0  # a completed epoch: the next one starts at its beginning
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.dataset.epoch,
+            "batches_done": self._consumed,
+            "seed": self.dataset.cfg.seed,
+            "world_size": self.dataset.world_size,
+            "rank": self.dataset.rank,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.dataset.world_size or state["seed"] != self.dataset.cfg.seed:
+            raise PlanError(
+                f"the saved data position is for world size {state['world_size']} and seed "
+                f"{state['seed']}; this run has {self.dataset.world_size} and {self.dataset.cfg.seed}"
+            )
+        self.dataset.epoch, self.dataset.start_batch = state["epoch"], state["batches_done"]
+        self._consumed = state["batches_done"]
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:
     stream = ShardStream(cfg, tokenizer, rank=rank, world_size=world_size)
-    return EpochDataLoader(
-        stream,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=BatchCollator(model_config),
-        persistent_workers=False,
-        multiprocessing_context="fork" if cfg.num_workers else None,
-    )
+    return EpochDataLoader(stream, BatchCollator(model_config), cfg.num_workers)

@@ -55,7 +55,7 @@ class SampleEncoder:
             )
         starts = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)
         n = len(frames)
-        return ChatMLDatasetSample(
+        sample = ChatMLDatasetSample(
             input_ids=torch.tensor(input_ids, dtype=torch.long),
             label_ids=torch.tensor(label_ids, dtype=torch.long),
             audio_ids_concat=torch.from_numpy(codes.astype(np.int64)),
@@ -65,3 +65,5 @@ class SampleEncoder:
             audio_sample_rate=torch.zeros(n),
             audio_speaker_indices=torch.full((n,), -1, dtype=torch.long),
         )
+        sample.sample_id = meta.get("id")  # carried to the batch's sample_ids (counting, debugging)
+        return sample

@@ -134,7 +134,9 @@ def check_export(model_dir: str, probe_path: str, atol: float = 1e-5) -> dict:
 
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)
     model = HiggsAudioModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    batch = {k: v for k, v in probe["batch"].items() if k != "labels"}
+    from higgs_ds.collate import model_inputs
+
+    batch = model_inputs(probe["batch"])
     with torch.no_grad():
         out = model(**batch)
     diff_text = (out.logits.float() - probe["logits"]).abs().max().item()

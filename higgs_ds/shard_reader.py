@@ -1,13 +1,7 @@
 """Stage 5 of the data flow: shard directories -> this rank's and this worker's raw samples.
 
-The plan for an epoch is made from the indexes alone, before reading anything, so every rank knows
-how many samples (and so batches) every other rank gets:
-
-1. the global order: shards in a (seed, epoch)-shuffled order, samples in shard order;
-2. padded, by repeating samples from the start of that order, to a multiple of world_size; the number
-   of repeats is reported, never silent;
-3. rank r takes the r-th contiguous block (so a rank opens few shards), and dataloader worker w the
-   w-th contiguous part of that block.
+Which samples a rank and worker read is decided by higgs_ds.epoch_plan; this module reads them: a run of
+positions in one shard is read in one sequential pass over that shard (tarfile seeks over the rest).
 
 Only the two member types the builder writes are decoded: `.json` (UTF-8 JSON) and `.codes.npy`
 (numpy without pickle). Anything else in a shard is an error naming the shard and the member.
@@ -17,14 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from higgs_ds.epoch_plan import ShardRef
 from higgs_ds.errors import UserError
 from higgs_ds.shard_writer import INDEX_NAME, SCHEMA_VERSION
 
@@ -33,12 +26,6 @@ MEMBER_TYPES = ("json", "codes.npy")
 
 class ShardError(UserError):
     """A shard or index that cannot be read; the message names the file."""
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    path: str
-    num_samples: int
 
 
 def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
@@ -63,38 +50,10 @@ def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
 def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
     refs = []
     for d in shard_dirs:
-        refs += [ShardRef(str(Path(d) / s["file"]), s["num_samples"]) for s in load_index(d)["shards"]]
+        for s in load_index(d)["shards"]:
+            lengths = s.get("lengths")
+            refs.append(ShardRef(str(Path(d) / s["file"]), s["num_samples"], tuple(lengths) if lengths else None))
     return refs
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which (shard, sample) positions this rank reads in one epoch, and how many were repeats."""
-
-    positions: list[tuple[int, int]]
-    num_global: int
-    num_repeated: int
-
-
-def plan_epoch(refs: list[ShardRef], *, seed: int, epoch: int, rank: int, world_size: int) -> EpochPlan:
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    order = list(range(len(refs)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    positions = [(s, i) for s in order for i in range(refs[s].num_samples)]
-    if not positions:
-        raise ShardError("the shard set holds no samples")
-    per_rank = -(-len(positions) // world_size)
-    repeats = per_rank * world_size - len(positions)
-    padded = positions + [positions[i % len(positions)] for i in range(repeats)]
-    return EpochPlan(padded[rank * per_rank : (rank + 1) * per_rank], len(positions), repeats)
-
-
-def split_for_worker(positions: list, worker: int, num_workers: int) -> list:
-    """Contiguous part `worker` of `positions` (sizes differ by at most one)."""
-    base, extra = divmod(len(positions), num_workers)
-    start = worker * base + min(worker, extra)
-    return positions[start : start + base + (1 if worker < extra else 0)]
 
 
 def _decode_member(shard: str, name: str, data: bytes):

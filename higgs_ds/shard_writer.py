@@ -89,8 +89,9 @@ class ShardWriter:
             audio_seconds=round(self._entry["audio_seconds"], 3),
             target_frames=_stats(self._frames),
         )
-        if self._expanded:
+        if self._expanded:  # per-sample lengths let the reader plan budget batches from the index alone
             self._entry["expanded_lengths"] = _stats(self._expanded)
+            self._entry["lengths"] = self._expanded
         self.shards.append(self._entry)
         self._tar = None
 

@@ -28,7 +28,7 @@ from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
-from higgs_ds.collate import BatchCollator
+from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import EpochDataLoader, ShardStream
 from higgs_ds.loss import LossConfig, higgs_loss
 from higgs_ds.shard_reader import load_index
@@ -66,7 +66,7 @@ class HiggsAudioTemplate(Template):
         return self._collator()(batch)
 
     def compute_sft_loss(self, model, inputs, num_items_in_batch=None, trainer=None):
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        outputs = model(**model_inputs(inputs))
         loss, metrics = higgs_loss(
             outputs.logits, outputs.expanded_labels, outputs.audio_logits, inputs["label_audio_ids"], self.loss_config
         )
@@ -101,18 +101,11 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
     def get_train_dataloader(self, skip_batches=0):
         if skip_batches:
             raise NotImplementedError(
-                "mid-epoch resume of the shard stream is not implemented yet; "
+                "mid-epoch resume of the shard stream is not wired into training yet; "
                 "pass --swift.ignore_data_skip true to resume without skipping"
             )
         stream = self.train_dataset
-        return EpochDataLoader(
-            stream,
-            batch_size=stream.cfg.batch_size,
-            num_workers=stream.cfg.num_workers,
-            collate_fn=self.data_collator,
-            persistent_workers=False,
-            multiprocessing_context="fork" if stream.cfg.num_workers else None,
-        )
+        return EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
 
 
 TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
@@ -174,16 +167,20 @@ def save_probe(trainer, cfg) -> None:
     """Logits of the trained model (the live DeepSpeed engine) on one fixed batch, for export checks.
     Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes the file."""
     stream = ShardStream(cfg.data, trainer.template.tokenizer, rank=0, world_size=1)
-    batch = trainer.data_collator([sample for _, sample in zip(range(cfg.data.batch_size), stream)])
+    batch = trainer.data_collator(next(iter(stream)))  # the first micro-batch of epoch 0 seen by one rank
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     model.eval()
     device = next(trainer.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
     with torch.no_grad():
         out = model(**inputs)
     if trainer.args.process_index == 0:
         torch.save(
-            {"batch": batch, "logits": out.logits.float().cpu(), "audio_logits": out.audio_logits.float().cpu()},
+            {
+                "batch": model_inputs(batch),
+                "logits": out.logits.float().cpu(),
+                "audio_logits": out.audio_logits.float().cpu(),
+            },
             os.path.join(cfg.output_dir, "probe.pt"),
         )
         logger.info(f"saved probe logits to {cfg.output_dir}/probe.pt")

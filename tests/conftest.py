@@ -68,9 +68,15 @@ def small_manifest(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_shards(tmp_path_factory, small_manifest, tiny_codec):
+def small_shards(tmp_path_factory, small_manifest, tiny_codec, tiny_model_dir):
     from higgs_ds.shard_build import BuildConfig, build_shards
 
     out = tmp_path_factory.mktemp("small-shards")
-    build_shards([str(small_manifest)], str(out), "tiny", BuildConfig(shard_samples=3), progress=False)
+    build_shards(
+        [str(small_manifest)],
+        str(out),
+        "tiny",
+        BuildConfig(shard_samples=3, tokenizer=str(tiny_model_dir)),
+        progress=False,
+    )
     return out

@@ -6,29 +6,60 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from higgs_ds.collate import model_inputs
 from higgs_ds.dataloader import DataConfig, build_dataloader
-from higgs_ds.shard_reader import ShardRef, plan_epoch, split_for_worker
+from higgs_ds.epoch_plan import BatchingConfig, PlanError, ShardRef, batches_for_worker, plan_epoch
+
+UNEVEN = [ShardRef(f"s{i}", n, tuple(range(10 + 40 * i, 10 + 40 * i + n))) for i, n in enumerate([5, 1, 7, 3])]
+
+
+def _flat(plan):
+    return [pos for batch in plan.batches for pos in batch]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_plan_gives_every_rank_the_same_count_and_every_sample_once(world_size):
-    refs = [ShardRef(f"s{i}", n) for i, n in enumerate([5, 1, 7, 3])]  # 16 samples, uneven shards
-    plans = [plan_epoch(refs, seed=3, epoch=1, rank=r, world_size=world_size) for r in range(world_size)]
-    assert len({len(p.positions) for p in plans}) == 1
-    seen = collections.Counter(pos for p in plans for pos in p.positions)
-    everything = {(s, i) for s, ref in enumerate(refs) for i in range(ref.num_samples)}
+@pytest.mark.parametrize("batching", [BatchingConfig(batch_size=3), BatchingConfig(max_tokens=400)])
+def test_plan_gives_every_rank_equal_batches_and_every_sample_once(world_size, batching):
+    plans = [plan_epoch(UNEVEN, batching, seed=3, epoch=1, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(p.batches) for p in plans}) == 1
+    seen = collections.Counter(pos for p in plans for pos in _flat(p))
+    everything = {(s, i) for s, ref in enumerate(UNEVEN) for i in range(ref.num_samples)}
     assert set(seen) == everything
-    repeats = sum(seen.values()) - len(everything)
-    assert repeats == plans[0].num_repeated == (-16) % world_size
-    other_epoch = plan_epoch(refs, seed=3, epoch=2, rank=0, world_size=1).positions
-    assert other_epoch != plan_epoch(refs, seed=3, epoch=1, rank=0, world_size=1).positions  # reshuffled
-    assert sorted(other_epoch) == sorted(everything)
+    assert sum(seen.values()) - len(everything) == sum(p.num_repeated for p in plans)
+    if batching.max_tokens:  # the budget holds for every batch: samples x longest <= max_tokens
+        for p in plans:
+            assert all(len(b) * max(UNEVEN[s].lengths[i] for s, i in b) <= 400 for b in p.batches)
 
 
-def test_split_for_worker_is_a_partition():
-    items = list(range(11))
-    parts = [split_for_worker(items, w, 3) for w in range(3)]
-    assert sum(parts, []) == items and [len(p) for p in parts] == [4, 4, 3]
+def test_plan_order_depends_on_seed_and_epoch_only():
+    one = plan_epoch(UNEVEN, BatchingConfig(batch_size=2), seed=3, epoch=1, rank=0, world_size=1)
+    again = plan_epoch(UNEVEN, BatchingConfig(batch_size=2), seed=3, epoch=1, rank=0, world_size=1)
+    other = plan_epoch(UNEVEN, BatchingConfig(batch_size=2), seed=3, epoch=2, rank=0, world_size=1)
+    assert one.batches == again.batches and _flat(one) != _flat(other) and sorted(_flat(one)) == sorted(_flat(other))
+    within = [i for s, i in _flat(one) if s == 2]
+    assert within != sorted(within)  # shuffled inside the shard too
+
+
+def test_over_long_samples_are_dropped_and_counted():
+    plan = plan_epoch(UNEVEN, BatchingConfig(batch_size=2, max_length=80), seed=0, epoch=0, rank=0, world_size=1)
+    assert plan.num_dropped == len(plan.dropped) == 7 + 3  # shards 2 and 3 hold lengths 90-96 and 130-132
+    assert all(UNEVEN[s].lengths[i] > 80 for s, i in plan.dropped)
+    with pytest.raises(PlanError, match="--tokenizer"):
+        plan_epoch([ShardRef("x", 3)], BatchingConfig(max_tokens=10), seed=0, epoch=0, rank=0, world_size=1)
+
+
+def test_budget_batching_wastes_less_than_fixed_batches():
+    refs = [ShardRef("a", 200, tuple(50 + (i * 37) % 700 for i in range(200)))]
+    budget = plan_epoch(refs, BatchingConfig(max_tokens=2000), seed=0, epoch=0, rank=0, world_size=1)
+    fixed = plan_epoch(refs, BatchingConfig(batch_size=8), seed=0, epoch=0, rank=0, world_size=1)
+    assert budget.real_position_fraction(refs) > 0.9 > fixed.real_position_fraction(refs)
+
+
+def test_worker_shares_interleave_back_into_the_plan():
+    batches = list(range(11))
+    shares = [batches_for_worker(batches, w, 3) for w in range(3)]
+    merged = [shares[i % 3][i // 3] for i in range(11)]
+    assert merged == batches
 
 
 @pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 2), (3, 1)])
@@ -80,7 +111,7 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
     from higgs_ds.loss import LossConfig, higgs_loss
 
     batch, model, _ = batch_and_model
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    out = model(**model_inputs(batch))
     loss, metrics = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, batch["label_audio_ids"])
     text = F.cross_entropy(
         out.logits[:, :-1].flatten(0, 1).float(), out.expanded_labels[:, 1:].flatten(), ignore_index=-100

@@ -118,11 +118,19 @@ def _members(shard_dir):
 
 
 @pytest.mark.timeout(600)
-def test_workers_slices_and_merge_give_the_single_process_result(tmp_path, small_manifest, small_shards):
+def test_workers_slices_and_merge_give_the_single_process_result(
+    tmp_path, small_manifest, small_shards, tiny_model_dir
+):
     from higgs_ds.shard_build import merge_slices
 
     parallel = tmp_path / "parallel"
-    build_shards([str(small_manifest)], str(parallel), "tiny", BuildConfig(shard_samples=3, workers=2), progress=False)
+    build_shards(
+        [str(small_manifest)],
+        str(parallel),
+        "tiny",
+        BuildConfig(shard_samples=3, workers=2, tokenizer=str(tiny_model_dir)),
+        progress=False,
+    )
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
         assert (parallel / name).read_bytes() == (small_shards / name).read_bytes()
 
@@ -132,7 +140,7 @@ def test_workers_slices_and_merge_give_the_single_process_result(tmp_path, small
             [str(small_manifest)],
             str(sliced),
             "tiny",
-            BuildConfig(shard_samples=3, slice_index=i, num_slices=3),
+            BuildConfig(shard_samples=3, slice_index=i, num_slices=3, tokenizer=str(tiny_model_dir)),
             progress=False,
         )
     with pytest.raises(Exception, match="index.json"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from higgs_ds.collate import model_inputs
 from higgs_ds.config import ConfigError, load_config
 from higgs_ds.train import TrainConfig
 from higgs_ds.train import main as train_main
@@ -60,10 +61,10 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     from higgs_ds.dataloader import DataConfig
 
     stream = ShardStream(DataConfig(shards=[str(small_shards)]), template.tokenizer, rank=0, world_size=1)
-    batch = template.data_collator(list(stream)[:4])
+    batch = template.data_collator(sum(list(stream), [])[:4])
     outputs = template.compute_sft_loss(model, dict(batch))
     assert outputs.logits is None  # SWIFT's token accuracy is not computed on mismatched shapes
-    reference = model(**{k: v for k, v in batch.items() if k != "labels"})
+    reference = model(**model_inputs(batch))
     text = F.cross_entropy(
         reference.logits[:, :-1].flatten(0, 1), reference.expanded_labels[:, 1:].flatten(), ignore_index=-100
     )
