@@ -80,10 +80,14 @@ def codec_batching(num: int, seconds: float, device: str) -> dict:
     t2 = time.perf_counter()
     assert all((a == b).all() for a, b in zip(single, batched)), "batched codes differ from batch-1 codes"
     audio = num * seconds
-    return {"codec_batched_speedup": round((t1 - t0) / (t2 - t1), 2),
-            "codec_audio_seconds_per_s": round(audio / (t2 - t1), 2),
-            "baseline_codec_audio_seconds_per_s": round(audio / (t1 - t0), 2),
-            "codec_batch": num, "codec_clip_seconds": seconds, "codec_device": device}
+    return {
+        "codec_batched_speedup": round((t1 - t0) / (t2 - t1), 2),
+        "codec_audio_seconds_per_s": round(audio / (t2 - t1), 2),
+        "baseline_codec_audio_seconds_per_s": round(audio / (t1 - t0), 2),
+        "codec_batch": num,
+        "codec_clip_seconds": seconds,
+        "codec_device": device,
+    }
 
 
 def main() -> None:
@@ -105,12 +109,18 @@ def main() -> None:
         base = cpu_stages(clips, tmp / "base", use_librosa=True)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    result = {"cpu_audio_hours_per_core_minute": round(hours / (ours / 60), 2),
-              "baseline_librosa_audio_hours_per_core_minute": round(hours / (base / 60), 2),
-              "cpu_clips": args.clips, "cpu_audio_hours": round(hours, 3)}
+    result = {
+        "cpu_audio_hours_per_core_minute": round(hours / (ours / 60), 2),
+        "baseline_librosa_audio_hours_per_core_minute": round(hours / (base / 60), 2),
+        "cpu_clips": args.clips,
+        "cpu_audio_hours": round(hours, 3),
+    }
     result |= codec_batching(args.codec_clips, args.codec_seconds, args.device)
-    result |= {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch_threads_codec": torch.get_num_threads()}
+    result |= {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads_codec": torch.get_num_threads(),
+    }
     print(json.dumps(result))
 
 

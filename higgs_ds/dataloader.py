@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from higgs_ds.collate import BatchCollator
-from higgs_ds.encoding import SampleEncoder
+from higgs_ds.encoding import SampleEncoder, tokenizer_fingerprint
 from higgs_ds.epoch_plan import BatchingConfig, PlanError, batches_for_worker, plan_epoch
-from higgs_ds.shard_reader import read_positions, shard_refs
+from higgs_ds.shard_reader import load_index, read_positions, shard_refs
 
 log = logging.getLogger(__name__)
 # Workers are forked after the tokenizer ran in the parent; the Rust pool must not be shared.
@@ -57,7 +57,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise PlanError("no shard directories given (data.shards is empty)")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.refs = shard_refs(cfg.shards)
-        self.encode = SampleEncoder(tokenizer)
+        mine = tokenizer_fingerprint(tokenizer)
+        stored = all(load_index(d)["build"].get("tokenizer_fingerprint") == mine for d in cfg.shards)
+        self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int) -> None:

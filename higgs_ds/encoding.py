@@ -9,6 +9,7 @@ in and out as codes only (encode_whisper_embed=False).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 
 import numpy as np
@@ -27,30 +28,48 @@ def expanded_length(num_text_tokens: int, frames: list[int]) -> int:
     return -(-n // 8) * 8
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of a fast tokenizer (vocabulary, merges, added tokens): token ids stored in shards are
+    used only by a tokenizer with the same fingerprint."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def chatml_tokens(chatml: dict, tokenizer, sample_id=None) -> tuple[list[int], list[int], int]:
+    """boson's prepare_chatml_sample -> (input_ids, label_ids, number of audio items), or EncodingError."""
+    from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+
+    # prepare_chatml_sample prints and returns Nones on error; keep its chatter out of the logs
+    # and raise a named error instead.
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:
+        input_ids, label_ids, audio_contents, _ = prepare_chatml_sample(chatml, tokenizer)
+    if input_ids is None:
+        raise EncodingError(f"sample {sample_id!r}: boson could not encode it: {chatter.getvalue().strip()[:500]}")
+    return input_ids, label_ids, len(audio_contents)
+
+
 class SampleEncoder:
-    def __init__(self, tokenizer):
+    """Shard record -> ChatMLDatasetSample. Token ids stored at build time (--tokenizer) are used when
+    `stored_tokens` is true (the shards' tokenizer fingerprint equals this tokenizer's)."""
+
+    def __init__(self, tokenizer, stored_tokens: bool = False):
         self.tokenizer = tokenizer
+        self.stored_tokens = stored_tokens
 
     def __call__(self, record: dict):
         import torch
-        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
+        from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
         meta = record["json"]
-        chatml = {k: meta[k] for k in ("messages", "speaker", "start_index", "misc") if k in meta}
-        # prepare_chatml_sample prints and returns Nones on error; keep its chatter out of the logs
-        # and raise a named error instead.
-        with contextlib.redirect_stdout(io.StringIO()) as chatter:
-            input_ids, label_ids, audio_contents, _ = prepare_chatml_sample(chatml, self.tokenizer)
-        if input_ids is None:
-            raise EncodingError(
-                f"sample {meta.get('id')!r} ({meta.get('source')}): boson could not encode it: "
-                f"{chatter.getvalue().strip()[:500]}"
-            )
+        if self.stored_tokens and "input_ids" in meta:
+            input_ids, label_ids, num_audio = meta["input_ids"], meta["label_ids"], len(meta["audio"])
+        else:
+            chatml = {k: meta[k] for k in ("messages", "speaker", "start_index", "misc") if k in meta}
+            input_ids, label_ids, num_audio = chatml_tokens(chatml, self.tokenizer, meta.get("id"))
         frames = [item["frames"] for item in meta["audio"]]
         codes = record["codes"]
-        if len(audio_contents) != len(frames) or codes.shape[1] != sum(frames):
+        if num_audio != len(frames) or codes.shape[1] != sum(frames):
             raise EncodingError(
-                f"sample {meta.get('id')!r}: {len(audio_contents)} audio items in the messages, "
+                f"sample {meta.get('id')!r}: {num_audio} audio items in the messages, "
                 f"{len(frames)} in the shard record, codes hold {codes.shape[1]} frames"
             )
         starts = np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)

@@ -118,16 +118,15 @@ def _encode_clips(paths: list[str], cfg: BuildConfig) -> dict:
     return results
 
 
-def _expanded_length(chatml: dict, frames: list[int]) -> int | None:
+def _tokens(chatml: dict, frames: list[int], sample_id) -> dict:
+    """With --tokenizer: boson's token ids and the exact expanded length, stored in the sample's json."""
     tok = _WORKER.get("tokenizer")
     if tok is None:
-        return None
-    from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+        return {}
+    from higgs_ds.encoding import chatml_tokens, expanded_length
 
-    from higgs_ds.encoding import expanded_length
-
-    input_ids = prepare_chatml_sample(chatml, tok)[0]
-    return expanded_length(len(input_ids), frames) if input_ids is not None else None
+    input_ids, label_ids, _ = chatml_tokens(chatml, tok, sample_id)
+    return {"input_ids": input_ids, "label_ids": label_ids, "expanded_length": expanded_length(len(input_ids), frames)}
 
 
 def encode_chunk(items: list, cfg: BuildConfig) -> list:
@@ -168,9 +167,10 @@ def _assemble(sample: ManifestSample, clips: dict, cfg: BuildConfig):
         audio=items,
         target_frames=target_frames,
     )
-    exp = _expanded_length(sample.chatml, [i["frames"] for i in items])
-    if exp is not None:
-        record["expanded_length"] = exp
+    try:
+        record.update(_tokens(sample.chatml, [i["frames"] for i in items], sample.sample_id))
+    except UserError as err:
+        return Reject(sample.manifest, sample.line, sample.sample_id, str(err))
     return record, np.concatenate(codes, axis=1), total
 
 
@@ -363,6 +363,16 @@ def build_shards(
             "rebuild with a smaller --shard-size"
         )
     return summary | {"wall_seconds": round(time.time() - started, 1)}
+
+
+def _fingerprint(tokenizer_dir: str | None) -> str | None:
+    if not tokenizer_dir:
+        return None
+    from transformers import AutoTokenizer
+
+    from higgs_ds.encoding import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
 def _encode_chunk_task(args):

@@ -9,6 +9,7 @@ Only the two member types the builder writes are decoded: `.json` (UTF-8 JSON) a
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import tarfile
@@ -93,16 +94,55 @@ def read_shard(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int,
         raise ShardError(f"cannot read shard {path}: {err}") from err
 
 
+@functools.lru_cache(maxsize=64)
+def member_table(path: str) -> tuple[tuple[tuple[str, str, int, int], ...], ...]:
+    """Per sample, its members as (name, suffix, data offset, size): one pass over the tar headers,
+    cached per process, so reading any sample later is one seek per member."""
+    samples, current_key = [], None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ShardError(f"{path}: member {member.name!r} is not a regular file")
+                key, _, suffix = member.name.partition(".")
+                if suffix not in MEMBER_TYPES:
+                    raise ShardError(
+                        f"{path}: unexpected member {member.name!r}; higgs-ds shards hold only {MEMBER_TYPES}"
+                    )
+                if key != current_key:
+                    samples.append([])
+                    current_key = key
+                samples[-1].append((member.name, suffix, member.offset_data, member.size))
+    except tarfile.TarError as err:
+        raise ShardError(f"cannot read shard {path}: {err}") from err
+    return tuple(tuple(members) for members in samples)
+
+
 def read_positions(refs: list[ShardRef], positions: list[tuple[int, int]]) -> Iterator[dict]:
-    """Read the samples at `positions` (consecutive runs of one shard are read in one pass), in order."""
-    run: list[tuple[int, int]] = []
-    for pos in positions + [(-1, -1)]:
-        if run and pos[0] != run[0][0]:
-            shard = refs[run[0][0]]
-            found = dict(read_shard(shard.path, {i for _, i in run}))
-            for _, i in run:
-                if i not in found:
-                    raise ShardError(f"{shard.path}: sample {i} missing (index says {shard.num_samples} samples)")
-                yield found[i]
-            run = []
-        run.append(pos)
+    """Read the samples at `positions`, in that order (random access through the member table)."""
+    handles: dict[int, object] = {}
+    try:
+        for s, i in positions:
+            table = member_table(refs[s].path)
+            if i >= len(table):
+                raise ShardError(
+                    f"{refs[s].path}: sample {i} missing (the shard holds {len(table)}, its index says "
+                    f"{refs[s].num_samples})"
+                )
+            f = handles.get(s) or handles.setdefault(s, open(refs[s].path, "rb"))
+            record = {}
+            for name, suffix, offset, size in table[i]:
+                f.seek(offset)
+                data = f.read(size)
+                if len(data) != size:
+                    raise ShardError(f"{refs[s].path}: member {name!r} is cut short")
+                try:
+                    record["codes" if suffix == "codes.npy" else suffix] = _decode_member(refs[s].path, name, data)
+                except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+                    if isinstance(err, ShardError):
+                        raise
+                    raise ShardError(f"{refs[s].path}: member {name!r} cannot be decoded: {err}") from err
+            yield record
+    finally:
+        for f in handles.values():
+            f.close()

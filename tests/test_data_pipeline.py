@@ -133,3 +133,17 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
     loss.backward()
     assert model.layers[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0
     assert model.layers[0].mlp.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from higgs_ds.encoding import SampleEncoder
+    from higgs_ds.shard_reader import read_shard
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stored, fresh = SampleEncoder(tok, stored_tokens=True), SampleEncoder(tok, stored_tokens=False)
+    for _, record in read_shard(str(small_shards / "shard-000000.tar")):
+        assert "input_ids" in record["json"]
+        a, b = stored(record), fresh(record)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.label_ids, b.label_ids)

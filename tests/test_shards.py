@@ -213,3 +213,12 @@ def test_min_shards_and_verify_and_stats(tmp_path, small_manifest, small_shards,
     stats = shard_stats(str(small_shards), plot=str(tmp_path / "hist.png"))
     assert stats["samples"] == 8 and stats["speakers"] == 3 and 0.003 < stats["audio_hours"] < 0.01
     assert (tmp_path / "hist.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_random_access_reader_refuses_unknown_members(tmp_path):
+    from higgs_ds.epoch_plan import ShardRef
+    from higgs_ds.shard_reader import read_positions
+
+    _tar_with(tmp_path / "evil2.tar", {"000000000.json": b"{}", "000000000.pickle": b"\x80\x04K\x01."})
+    with pytest.raises(ShardError, match=r"evil2.tar: unexpected member '000000000.pickle'"):
+        list(read_positions([ShardRef(str(tmp_path / "evil2.tar"), 1)], [(0, 0)]))
