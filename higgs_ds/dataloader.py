@@ -62,10 +62,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
         self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.start_batch = epoch, 0
-
     def plan(self):
         return plan_epoch(
             self.refs,
@@ -108,8 +104,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 class EpochDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader over a ShardStream that knows its position: state_dict() after k batches, then
-    load_state_dict() in a new process, continues with batch k+1 of the same epoch (any worker count)."""
+    """A DataLoader over a ShardStream that counts its own epochs and knows its position: state_dict()
+    after k batches, then load_state_dict() in a new process, continues with batch k+1 of the same epoch
+    (with any number of workers). Each complete pass over it is one epoch; the next pass is the next."""
 
     def __init__(self, stream: ShardStream, collate_fn, num_workers: int):
         stream.check_workers(num_workers)
@@ -123,20 +120,26 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         )
         self._consumed = 0
 
-    def set_epoch(self, epoch: int) -> None:  # HF Trainer calls this at every epoch
-        self.dataset.set_epoch(epoch)
+    def set_epoch(self, epoch: int) -> None:
+        """HF Trainer's epoch counter restarts at 0 on resume; the stream keeps its own (see seek)."""
+
+    def seek(self, epoch: int, batches_done: int = 0) -> None:
+        self.dataset.epoch, self.dataset.start_batch, self._consumed = epoch, batches_done, batches_done
 
     def __iter__(self):
         self._consumed = self.dataset.start_batch
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
-        self.dataset.start_batch = 0  # a completed epoch: the next one starts at its beginning
+        self.seek(self.dataset.epoch + 1)  # a completed epoch: the next pass is the next epoch
 
     def state_dict(self) -> dict:
+        epoch, done = self.dataset.epoch, self._consumed
+        if done >= self.dataset.num_batches():  # the epoch's last batch was taken: resume at the next epoch
+            epoch, done = epoch + 1, 0
         return {
-            "epoch": self.dataset.epoch,
-            "batches_done": self._consumed,
+            "epoch": epoch,
+            "batches_done": done,
             "seed": self.dataset.cfg.seed,
             "world_size": self.dataset.world_size,
             "rank": self.dataset.rank,
@@ -146,10 +149,10 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         if state["world_size"] != self.dataset.world_size or state["seed"] != self.dataset.cfg.seed:
             raise PlanError(
                 f"the saved data position is for world size {state['world_size']} and seed "
-                f"{state['seed']}; this run has {self.dataset.world_size} and {self.dataset.cfg.seed}"
+                f"{state['seed']}; this run has {self.dataset.world_size} and {self.dataset.cfg.seed}: "
+                "resume with the same number of ranks and data.seed"
             )
-        self.dataset.epoch, self.dataset.start_batch = state["epoch"], state["batches_done"]
-        self._consumed = state["batches_done"]
+        self.seek(state["epoch"], state["batches_done"])
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:

@@ -12,10 +12,10 @@ with `HiggsAudioModel.from_pretrained(DIR)`.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
+from higgs_ds.checkpoint import is_complete, latest_complete
 from higgs_ds.errors import UserError
 
 COPIED_FILES = (
@@ -31,25 +31,19 @@ class ExportError(UserError):
     pass
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint HF finished writing: trainer_state.json is written last."""
-    return (path / "trainer_state.json").is_file() and (path / "config.json").is_file()
-
-
 def resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise ExportError(f"{p} is not a directory")
-    if is_complete_checkpoint(p):
+    if is_complete(p) and p.name.startswith("checkpoint-"):
         return p
-    candidates = sorted(
-        (c for c in p.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", c.name)),
-        key=lambda c: int(c.name.split("-")[1]),
-    )
-    complete = [c for c in candidates if is_complete_checkpoint(c)]
-    if not complete:
-        raise ExportError(f"no complete checkpoint in {p} (looked for checkpoint-N with trainer_state.json)")
-    return complete[-1]
+    latest = latest_complete(p)
+    if latest is None:
+        raise ExportError(
+            f"no complete checkpoint in {p} (looked for checkpoint-N with trainer_state.json and "
+            "every rank's data state)"
+        )
+    return latest
 
 
 def consolidated_state_dict(ckpt: Path) -> dict:

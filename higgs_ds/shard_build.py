@@ -352,6 +352,7 @@ def build_shards(
         "manifests": [str(m) for m in manifests],
         "slice": [cfg.slice_index, cfg.num_slices],
         "input_range": [start, end],
+        "tokenizer_fingerprint": _fingerprint(cfg.tokenizer),
     }
     if not shards and cfg.num_slices == 1:
         raise BuildError(f"no sample was accepted from {manifests}; see {out / rejects_name}")
@@ -400,6 +401,7 @@ def merge_slices(out_dir: str) -> dict:
         for i in range(num):
             part = out / f"rejects.slice-{i:04d}-of-{num:04d}.jsonl"
             merged.write(part.read_bytes())
+    fingerprints = {i["build"].get("tokenizer_fingerprint") for i in indexes}
     summary = {
         "inputs": 0,
         "accepted": 0,
@@ -410,6 +412,7 @@ def merge_slices(out_dir: str) -> dict:
         "bytes": 0,
         "manifests": indexes[0]["build"]["manifests"],
         "slices": num,
+        "tokenizer_fingerprint": fingerprints.pop() if len(fingerprints) == 1 else None,
     }
     for i in indexes:
         for key in ("inputs", "accepted", "rejected", "shards", "bytes", "audio_hours"):

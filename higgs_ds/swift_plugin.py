@@ -14,8 +14,10 @@ Also importable as an ms-swift plugin (`swift sft --external_plugins higgs_ds/sw
 
 from __future__ import annotations
 
+import json
 import os
 import types
+from pathlib import Path
 
 import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
 import torch
@@ -28,6 +30,7 @@ from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
+from higgs_ds.checkpoint import latest_complete, read_data_state, stop_requested, write_data_state
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import EpochDataLoader, ShardStream
 from higgs_ds.loss import LossConfig, higgs_loss
@@ -96,16 +99,47 @@ register_template(
 
 
 class HiggsAudioTrainer(Seq2SeqTrainer):
-    """SWIFT's trainer with the shard stream's own per-rank DataLoader (no rank-0 dispatcher)."""
+    """SWIFT's trainer with the shard stream's own per-rank DataLoader (no rank-0 dispatcher), whose
+    position is saved in every checkpoint and restored on resume (no batch is replayed or skipped)."""
+
+    sample_log: str | None = None  # path for per-rank sample-id logs (TrainConfig.log_sample_ids)
 
     def get_train_dataloader(self, skip_batches=0):
-        if skip_batches:
-            raise NotImplementedError(
-                "mid-epoch resume of the shard stream is not wired into training yet; "
-                "pass --swift.ignore_data_skip true to resume without skipping"
-            )
+        if skip_batches:  # ignore_data_skip is always on: the data position comes from the checkpoint
+            raise RuntimeError("higgs-ds restores the data position itself; ignore_data_skip must stay true")
         stream = self.train_dataset
-        return EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
+        self._higgs_loader = EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
+        return self._higgs_loader
+
+    def _save_checkpoint(self, *args, **kwargs):
+        ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        write_data_state(ckpt, self.args.process_index, self.args.world_size, self._higgs_loader.state_dict())
+        return super()._save_checkpoint(*args, **kwargs)
+
+    def _load_rng_state(self, checkpoint):
+        # HF 4.46 loads its own rng_state files with torch.load(weights_only=True), which (torch >= 2.6)
+        # refuses the numpy RNG state inside them; allow exactly those numpy types for this trusted file.
+        import numpy as np
+
+        allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with torch.serialization.safe_globals(allowed):
+            super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        state = read_data_state(checkpoint, self.args.process_index)
+        if state is None:
+            raise ValueError(
+                f"{checkpoint} holds no data position for rank {self.args.process_index}: it was not "
+                "written by higgs-ds training, so the run cannot continue with the next sample"
+            )
+        self._higgs_loader.load_state_dict(state)
+        logger.info(f"data position restored: epoch {state['epoch']}, {state['batches_done']} batches done")
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.sample_log:
+            with open(self.sample_log.format(rank=self.args.process_index), "a") as f:
+                f.write(json.dumps({"step": self.state.global_step + 1, "ids": inputs.get("sample_ids")}) + "\n")
+        return super().training_step(model, inputs, *args, **kwargs)
 
 
 TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
@@ -137,12 +171,57 @@ class HiggsSft(SwiftSft):
         logger.info(f"shard stream: rank {rank}/{world}, {stream.num_batches()} batches per epoch per rank")
         return [stream, None]
 
+    def _get_resume_checkpoint(self, trainer):
+        explicit = super()._get_resume_checkpoint(trainer)
+        if explicit or self.run_cfg.resume in ("never", ""):
+            return explicit
+        if self.run_cfg.resume != "auto":
+            return self.run_cfg.resume
+        latest = latest_complete(self.run_cfg.output_dir)
+        if latest is not None:
+            logger.info(f"resuming from {latest}, the newest complete checkpoint in {self.run_cfg.output_dir}")
+        return str(latest) if latest else None
+
     def train(self, trainer):
+        if trainer.args.process_index == 0:
+            leftover = Path(self.run_cfg.output_dir) / "STOP"
+            if leftover.exists():
+                leftover.unlink()
+                logger.info(f"removed a stop request left by an earlier run: {leftover}")
+        if self.run_cfg.log_sample_ids:
+            HiggsAudioTrainer.sample_log = os.path.join(self.run_cfg.output_dir, "samples_rank{rank}.jsonl")
+        stop = StopRequestCallback(self.run_cfg.output_dir)
         trainer.add_callback(DenseLogCallback())
+        trainer.add_callback(stop)
         result = super().train(trainer)
-        if self.run_cfg.save_probe:
+        if stop.stopped:
+            logger.info(
+                f"stopped on request at step {trainer.state.global_step}; its checkpoint is saved and the "
+                "next run with this output_dir resumes from it"
+            )
+        elif self.run_cfg.save_probe:
             save_probe(trainer, self.run_cfg)
         return result
+
+
+class StopRequestCallback(TrainerCallback):
+    """Stop cleanly when a stop file appears (see higgs_ds.checkpoint): rank 0 looks, every rank agrees
+    through one all-reduce per step, then HF saves a checkpoint and leaves the loop on every rank."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.stopped = output_dir, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor(
+            [float(state.is_world_process_zero and stop_requested(self.output_dir))], device=args.device
+        )
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag)
+        if flag.item() > 0:
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 class DenseLogCallback(TrainerCallback):
@@ -225,6 +304,7 @@ def swift_argv(cfg) -> list[str]:
         "remove_unused_columns": "false",
         "dataloader_num_workers": 0,
         "save_only_model": "false",
+        "ignore_data_skip": "true",  # the data position is restored from the checkpoint, not re-read
     }
     if cfg.deepspeed:
         args["deepspeed"] = cfg.deepspeed

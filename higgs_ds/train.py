@@ -53,6 +53,11 @@ class TrainConfig:
     """Seed of model-side randomness (the data order has its own, data.seed)."""
     ddp_timeout: int = 1800
     """Seconds a collective may wait before the job fails (ms-swift's default is 208 days)."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a
+    checkpoint path. Model, optimizer, scheduler, RNG and the data position are restored."""
+    log_sample_ids: bool = False
+    """Append every micro-batch's sample ids to output_dir/samples_rank{R}.jsonl (audits, tests)."""
     save_probe: bool = False
     """After training, save the model's logits on one fixed batch to output_dir/probe.pt (export checks)."""
     data: DataConfig = field(default_factory=DataConfig)

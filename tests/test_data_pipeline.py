@@ -141,7 +141,10 @@ def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, t
     from higgs_ds.encoding import SampleEncoder
     from higgs_ds.shard_reader import read_shard
 
+    from higgs_ds.dataloader import ShardStream
+
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert ShardStream(DataConfig(shards=[str(small_shards)]), tok, rank=0, world_size=1).encode.stored_tokens
     stored, fresh = SampleEncoder(tok, stored_tokens=True), SampleEncoder(tok, stored_tokens=False)
     for _, record in read_shard(str(small_shards / "shard-000000.tar")):
         assert "input_ids" in record["json"]

@@ -103,12 +103,12 @@ def test_resume_in_a_new_process_continues_exactly(small_shards, tiny_model_dir)
     tok, config = AutoTokenizer.from_pretrained(tiny_model_dir), AutoConfig.from_pretrained(tiny_model_dir)
     cfg = DataConfig(shards=[str(small_shards)], batch_size=1, num_workers=2, seed=9)
     loader = build_dataloader(cfg, tok, config, rank=1, world_size=2)
-    loader.set_epoch(3)
+    loader.seek(epoch=3)
     uninterrupted = [b["sample_ids"] for b in loader]
-    assert len(uninterrupted) == 4
+    assert len(uninterrupted) == 4 and loader.state_dict()["epoch"] == 4  # a full pass moves to the next epoch
 
     loader = build_dataloader(cfg, tok, config, rank=1, world_size=2)
-    loader.set_epoch(3)
+    loader.seek(epoch=3)
     it = iter(loader)
     first = [next(it)["sample_ids"]]
     state = loader.state_dict()
