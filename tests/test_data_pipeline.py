@@ -138,10 +138,9 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
 def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from higgs_ds.dataloader import ShardStream
     from higgs_ds.encoding import SampleEncoder
     from higgs_ds.shard_reader import read_shard
-
-    from higgs_ds.dataloader import ShardStream
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert ShardStream(DataConfig(shards=[str(small_shards)]), tok, rank=0, world_size=1).encode.stored_tokens
