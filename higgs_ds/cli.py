@@ -106,6 +106,19 @@ def _check_export(args):
     return 0 if result["equal"] else 1
 
 
+def _preflight(args):
+    from higgs_ds.preflight import run
+
+    # argparse.REMAINDER takes everything after CONFIG; take preflight's own options back out of it
+    own = argparse.ArgumentParser(prog="higgs-ds preflight", add_help=False)
+    own.add_argument("--nodes", type=int, default=args.nodes)
+    own.add_argument("--gpus-per-node", type=int, default=args.gpus_per_node)
+    own.add_argument("--gpu-memory-gb", type=float, default=args.gpu_memory_gb)
+    own.add_argument("--hashes", action="store_true", default=args.hashes)
+    opts, overrides = own.parse_known_args(args.overrides)
+    return run(args.config, overrides, opts.nodes, opts.gpus_per_node, opts.gpu_memory_gb, opts.hashes)
+
+
 def _demo(args):
     from higgs_ds.demo import run_demo
 
@@ -199,6 +212,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--probe", required=True, help="probe.pt written by training with save_probe = true")
     s.add_argument("--atol", type=float, default=1e-5)
     s.set_defaults(func=_check_export)
+
+    s = sub.add_parser("preflight", help="check shards, codec, plan, disk and memory before a run is submitted")
+    s.add_argument("config", help="the run's TOML config")
+    s.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides, as for train")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=8, help="training processes per node")
+    s.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    s.add_argument("--hashes", action="store_true", help="also re-hash every shard (reads all data)")
+    s.set_defaults(func=_preflight)
 
     s = sub.add_parser("demo", help="the whole pipeline on the bundled demo corpus with a tiny model (2 CPU ranks)")
     s.add_argument("--workdir", default="runs/demo")

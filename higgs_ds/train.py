@@ -76,6 +76,29 @@ settings:
 """
 
 
+def resolve_config(path: str | None, overrides: list[str]) -> TrainConfig:
+    """Load and check a run config (also used by `higgs-ds preflight`); ConfigError says what to fix."""
+    cfg = load_config(TrainConfig, path, overrides)
+    if not cfg.model:
+        raise ConfigError('no model directory: set `model = "..."` in the config or pass --model DIR')
+    if not Path(cfg.model, "config.json").is_file():
+        raise ConfigError(f"model directory {cfg.model} has no config.json")
+    if "auto_map" in json.loads(Path(cfg.model, "config.json").read_text()):
+        # ms-swift reads configs with trust_remote_code=True; refuse code shipped with a model directory.
+        raise ConfigError(
+            f"{cfg.model}/config.json has an auto_map (custom model code); higgs-ds runs only "
+            "boson_multimodal's own classes: remove auto_map from the config"
+        )
+    if not cfg.data.shards:
+        raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
+    for d in cfg.data.shards:
+        if not Path(d, "index.json").is_file():
+            raise ConfigError(f"shard directory {d} has no index.json; build it with `higgs-ds shards build`")
+    if cfg.tuner not in ("full", "lora"):
+        raise ConfigError(f"tuner must be 'full' or 'lora', got {cfg.tuner!r}")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -83,24 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     path, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
     try:
-        cfg = load_config(TrainConfig, path, rest)
-        if not cfg.model:
-            raise ConfigError('no model directory: set `model = "..."` in the config or pass --model DIR')
-        if not Path(cfg.model, "config.json").is_file():
-            raise ConfigError(f"model directory {cfg.model} has no config.json")
-        if "auto_map" in json.loads(Path(cfg.model, "config.json").read_text()):
-            # ms-swift reads configs with trust_remote_code=True; refuse code shipped with a model directory.
-            raise ConfigError(
-                f"{cfg.model}/config.json has an auto_map (custom model code); higgs-ds runs only "
-                "boson_multimodal's own classes: remove auto_map from the config"
-            )
-        for d in cfg.data.shards:
-            if not Path(d, "index.json").is_file():
-                raise ConfigError(f"shard directory {d} has no index.json; build it with `higgs-ds shards build`")
-        if not cfg.data.shards:
-            raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
-        if cfg.tuner not in ("full", "lora"):
-            raise ConfigError(f"tuner must be 'full' or 'lora', got {cfg.tuner!r}")
+        cfg = resolve_config(path, rest)
     except ConfigError as err:
         print(f"higgs-ds train: error: {err}", file=sys.stderr)
         return 2
