@@ -28,9 +28,9 @@ from swift.template import Template, register_template
 from swift.template.templates.llama import Llama3TemplateMeta
 from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
-from transformers import TrainerCallback
 
-from higgs_ds.checkpoint import latest_complete, read_data_state, stop_requested, write_data_state
+from higgs_ds.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
+from higgs_ds.checkpoint import latest_complete, read_data_state, write_data_state
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import EpochDataLoader, ShardStream
 from higgs_ds.loss import LossConfig, higgs_loss
@@ -77,6 +77,13 @@ class HiggsAudioTemplate(Template):
             mode = "train" if model.training else "eval"
             for name, value in metrics.items():
                 trainer.custom_metrics[mode][name].update(value)
+            counts = getattr(trainer, "throughput_counts", None)
+            if counts is not None and model.training:
+                labels = inputs["label_audio_ids"][0]
+                frames = ((labels != -100) & (labels != self.config.audio_stream_eos_id)).sum().item()
+                counts["tokens"] += int(outputs.attention_mask.sum().item())
+                counts["audio_seconds"] += frames / 25.0  # the codec's frame rate (checked against the shards)
+                counts["sequences"] += int(inputs["input_ids"].shape[0])
         outputs["loss"] = loss  # item assignment: attribute assignment is lost on transformers 4.46
         outputs["logits"] = None  # SWIFT's token accuracy would compare expanded logits with unexpanded labels
         return outputs
@@ -191,6 +198,7 @@ class HiggsSft(SwiftSft):
         if self.run_cfg.log_sample_ids:
             HiggsAudioTrainer.sample_log = os.path.join(self.run_cfg.output_dir, "samples_rank{rank}.jsonl")
         stop = StopRequestCallback(self.run_cfg.output_dir)
+        trainer.add_callback(ThroughputCallback(trainer, self.run_cfg.peak_tflops * 1e12 or device_peak_flops()))
         trainer.add_callback(DenseLogCallback())
         trainer.add_callback(stop)
         result = super().train(trainer)
@@ -202,44 +210,6 @@ class HiggsSft(SwiftSft):
         elif self.run_cfg.save_probe:
             save_probe(trainer, self.run_cfg)
         return result
-
-
-class StopRequestCallback(TrainerCallback):
-    """Stop cleanly when a stop file appears (see higgs_ds.checkpoint): rank 0 looks, every rank agrees
-    through one all-reduce per step, then HF saves a checkpoint and leaves the loop on every rank."""
-
-    def __init__(self, output_dir: str):
-        self.output_dir, self.stopped = output_dir, False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        flag = torch.tensor(
-            [float(state.is_world_process_zero and stop_requested(self.output_dir))], device=args.device
-        )
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag)
-        if flag.item() > 0:
-            self.stopped = True
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-class DenseLogCallback(TrainerCallback):
-    """One line per logging step on rank 0: step, losses, learning rate, grad norm."""
-
-    KEYS = (
-        ("loss", "loss"),
-        ("text", "text_loss"),
-        ("audio", "audio_loss"),
-        ("lr", "learning_rate"),
-        ("grad_norm", "grad_norm"),
-    )
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "audio_loss" not in logs:
-            return
-        parts = [f"{name} {logs[key]:.4g}" for name, key in self.KEYS if isinstance(logs.get(key), (int, float))]
-        print(f"[higgs-ds] step {state.global_step}/{state.max_steps} | " + " | ".join(parts), flush=True)
 
 
 def save_probe(trainer, cfg) -> None:

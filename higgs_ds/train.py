@@ -58,6 +58,8 @@ class TrainConfig:
     checkpoint path. Model, optimizer, scheduler, RNG and the data position are restored."""
     log_sample_ids: bool = False
     """Append every micro-batch's sample ids to output_dir/samples_rank{R}.jsonl (audits, tests)."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for the mfu metric (0: known GPUs are looked up; none on CPU)."""
     save_probe: bool = False
     """After training, save the model's logits on one fixed batch to output_dir/probe.pt (export checks)."""
     data: DataConfig = field(default_factory=DataConfig)

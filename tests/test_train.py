@@ -120,6 +120,10 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
     assert last["audio_loss"] < 0.6 * first["audio_loss"], (first, last)  # 8 samples: it overfits
     assert last["text_loss"] < 0.5 * first["text_loss"]
     assert all(f"audio_acc_cb{k}" in last for k in range(8))
+    assert last["tokens_per_s"] > 0 and last["memory_gb"] > 0 and "mfu" not in last  # no known peak on CPU
+    # 8 samples of 1.9-3 s target audio, 2 per micro-batch and rank: between 4 and 12 s of audio per step
+    seconds_per_token = last["audio_hours_per_s"] * 3600 / last["tokens_per_s"]
+    assert 0 < seconds_per_token < 0.04  # 25 frames/s: each second of audio is > 25 positions
 
     export_dir = tmp_path / "export"
     cli = [sys.executable, "-m", "higgs_ds.cli"]
