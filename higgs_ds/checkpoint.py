@@ -39,7 +39,8 @@ def read_data_state(checkpoint: str | os.PathLike, rank: int) -> dict | None:
 
 def is_complete(checkpoint: str | os.PathLike) -> bool:
     ckpt = Path(checkpoint)
-    if not (ckpt / "trainer_state.json").is_file() or not (ckpt / "config.json").is_file():
+    has_model = (ckpt / "config.json").is_file() or (ckpt / "adapter_config.json").is_file()  # full or LoRA
+    if not (ckpt / "trainer_state.json").is_file() or not has_model:
         return False
     states = sorted(ckpt.glob("data_state_rank*.json"))
     if not states:

@@ -95,13 +95,13 @@ def _train(args):
 def _export(args):
     from higgs_ds.export import export
 
-    print(f"exported {export(args.checkpoint, args.out, dtype=args.dtype)}")
+    print(f"exported {export(args.checkpoint, args.out, dtype=args.dtype, merge_lora=args.merge_lora, base=args.base)}")
 
 
 def _check_export(args):
     from higgs_ds.export import check_export
 
-    result = check_export(args.model_dir, args.probe, atol=args.atol)
+    result = check_export(args.model_dir, args.probe, atol=args.atol, rtol=args.rtol)
     print(json.dumps(result))
     return 0 if result["equal"] else 1
 
@@ -205,12 +205,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="checkpoint-N directory, or an output dir (its newest complete checkpoint)")
     s.add_argument("--out", required=True)
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (float32)")
+    s.add_argument("--merge-lora", action="store_true", help="merge a LoRA checkpoint's adapters into its base model")
+    s.add_argument("--base", default=None, help="LoRA base model directory (default: the one recorded in the adapter)")
     s.set_defaults(func=_export)
 
     s = sub.add_parser("check-export", help="reload an export and compare its logits with the trained model's")
     s.add_argument("model_dir")
     s.add_argument("--probe", required=True, help="probe.pt written by training with save_probe = true")
     s.add_argument("--atol", type=float, default=1e-5)
+    s.add_argument("--rtol", type=float, default=1e-4)
     s.set_defaults(func=_check_export)
 
     s = sub.add_parser("preflight", help="check shards, codec, plan, disk and memory before a run is submitted")

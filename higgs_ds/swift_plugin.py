@@ -51,6 +51,9 @@ class HiggsAudioLoader(ModelLoader):
         # HiggsAudioModel has no get_input_embeddings (its base_model_prefix points at nothing);
         # PEFT and HF's enable_input_require_grads need it.
         model.get_input_embeddings = types.MethodType(lambda self: self.embed_tokens, model)
+        # PEFT's causal-LM wrapper always passes labels=None; HiggsAudioModel.forward has no labels argument.
+        forward = model.forward
+        model.forward = lambda *args, labels=None, **kwargs: forward(*args, **kwargs)
         return model
 
 

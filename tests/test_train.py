@@ -144,3 +144,64 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
         text=True,
     )
     assert untrained.returncode == 1 and not json.loads(untrained.stdout.splitlines()[-1])["equal"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_rank_zero3_lora_trains_adapters_and_exports_merged(tmp_path, small_shards, tiny_model_dir):
+    out = tmp_path / "lora"
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "torchrun.sh"),
+        str(REPO / "configs" / "demo.toml"),
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--data.shards",
+        json.dumps([str(small_shards)]),
+        "--max_steps",
+        "20",
+        "--save_steps",
+        "20",
+        "--data.batch_size",
+        "2",
+        "--tuner",
+        "lora",
+        "--learning_rate",
+        "1e-2",
+    ]
+    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ckpt = out / "checkpoint-20"
+    adapter = json.loads((ckpt / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and {"q_proj", "gate_proj", "down_proj"} <= set(adapter["target_modules"])
+    assert not (ckpt / "model.safetensors").exists()  # adapters only
+    history = [h for h in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert history[-1]["loss"] < 0.9 * history[0]["loss"], (history[0], history[-1])
+
+    cli = [sys.executable, "-m", "higgs_ds.cli"]
+    refused = subprocess.run(
+        cli + ["export", str(out), "--out", str(tmp_path / "x")], env=_env(), capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "pass --merge-lora" in refused.stderr
+    subprocess.run(
+        cli + ["export", str(out), "--out", str(tmp_path / "merged"), "--merge-lora"],
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
+    check = subprocess.run(
+        cli + ["check-export", str(tmp_path / "merged"), "--probe", str(out / "probe.pt")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    base = subprocess.run(
+        cli + ["check-export", str(tiny_model_dir), "--probe", str(out / "probe.pt")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert base.returncode == 1  # the adapters changed the model
