@@ -11,12 +11,14 @@ with `HiggsAudioModel.from_pretrained(DIR)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from higgs_ds.checkpoint import is_complete, latest_complete
 from higgs_ds.errors import UserError
+from higgs_ds.model_patches import patch_for_training
 
 COPIED_FILES = (
     "config.json",
@@ -79,9 +81,7 @@ def _merged_lora(ckpt: Path, base: str | None) -> dict:
     base = base or json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
     if not Path(base, "config.json").is_file():
         raise ExportError(f"the LoRA base model {base} is not a model directory: pass --base DIR")
-    model = HiggsAudioModel.from_pretrained(base, torch_dtype=torch.float32)
-    forward = model.forward  # as in training: PEFT passes labels=None, which HiggsAudioModel does not take
-    model.forward = lambda *args, labels=None, **kwargs: forward(*args, **kwargs)
+    model = patch_for_training(HiggsAudioModel.from_pretrained(base, torch_dtype=torch.float32))  # as in training
     merged = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -136,9 +136,68 @@ def export(
     (tmp / "higgs_ds_export.json").write_text(
         json.dumps({"checkpoint": str(ckpt.resolve()), "dtype": config.torch_dtype}, indent=1) + "\n"
     )
+    (tmp / "README.md").write_text(model_card(ckpt, model_files, note, config.torch_dtype, merge_lora))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def model_card(ckpt: Path, model_files: Path, codec_note: dict | None, dtype: str, merged_lora: bool) -> str:
+    """README.md of an exported directory: what it was trained from, on what, how far, and how to load it."""
+    run_cfg_path = ckpt.parent / "higgs_ds_config.json"
+    run_cfg = json.loads(run_cfg_path.read_text()) if run_cfg_path.is_file() else {}
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    last = next((h for h in reversed(state["log_history"]) if "audio_loss" in h), {})
+    base = run_cfg.get("model", "?")
+    lines = [
+        "# Higgs-Audio v2 fine-tuned with higgs-ds",
+        "",
+        f"- base model: `{base}`" + (" (LoRA adapters merged)" if merged_lora else ""),
+        f"- checkpoint: `{ckpt.resolve()}`, step {state.get('global_step')} of {state.get('max_steps')}",
+        f"- final losses: total {last.get('loss')}, text {last.get('text_loss')}, audio {last.get('audio_loss')}",
+        f"- weights: {dtype}",
+        "",
+        "## Data",
+        "",
+    ]
+    for d in run_cfg.get("data", {}).get("shards", []):
+        index_path = Path(d) / "index.json"
+        if index_path.is_file():
+            index = json.loads(index_path.read_text())
+            digest = hashlib.sha256(index_path.read_bytes()).hexdigest()
+            lines.append(
+                f"- `{d}`: {index['num_samples']} samples, {index['audio_seconds'] / 3600:.3f} h of audio, "
+                f"{len(index['shards'])} shards, index.json sha256 {digest}"
+            )
+    if codec_note and codec_note.get("codec"):
+        codec = codec_note["codec"]
+        lines += [
+            "",
+            f"Audio codec: {codec.get('codec')} (weights sha256 {codec.get('weights_sha256')}), "
+            f"{codec.get('sample_rate')} Hz, {codec.get('frame_rate')} frames/s, {codec.get('num_codebooks')} "
+            "codebooks: generate with this codec.",
+        ]
+    lines += [
+        "",
+        "## Training config",
+        "",
+        "```json",
+        json.dumps(run_cfg, indent=1),
+        "```",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "import boson_multimodal.model.higgs_audio  # registers the model type",
+        "from boson_multimodal.model.higgs_audio import HiggsAudioModel",
+        "from transformers import AutoTokenizer",
+        "",
+        'model = HiggsAudioModel.from_pretrained("THIS_DIR")',
+        'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def check_export(model_dir: str, probe_path: str, atol: float = 1e-5, rtol: float = 1e-4) -> dict:

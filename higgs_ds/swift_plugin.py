@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import types
 from pathlib import Path
 
 import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
@@ -34,6 +33,7 @@ from higgs_ds.checkpoint import latest_complete, read_data_state, write_data_sta
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import EpochDataLoader, ShardStream
 from higgs_ds.loss import LossConfig, higgs_loss
+from higgs_ds.model_patches import patch_for_training
 from higgs_ds.shard_reader import load_index
 
 logger = get_logger()
@@ -42,6 +42,7 @@ MODEL_TYPE = TEMPLATE_TYPE = "higgs_audio"
 
 class HiggsAudioLoader(ModelLoader):
     default_trust_remote_code = False  # boson's classes are imported, never fetched from a model repo
+    activation_checkpointing = False  # set from the run config (TrainConfig.activation_checkpointing)
 
     def get_model(self, model_dir, config, processor, model_kwargs):
         from transformers import AutoModel
@@ -50,10 +51,7 @@ class HiggsAudioLoader(ModelLoader):
         model = super().get_model(model_dir, config, processor, model_kwargs)
         # HiggsAudioModel has no get_input_embeddings (its base_model_prefix points at nothing);
         # PEFT and HF's enable_input_require_grads need it.
-        model.get_input_embeddings = types.MethodType(lambda self: self.embed_tokens, model)
-        # PEFT's causal-LM wrapper always passes labels=None; HiggsAudioModel.forward has no labels argument.
-        forward = model.forward
-        model.forward = lambda *args, labels=None, **kwargs: forward(*args, **kwargs)
+        patch_for_training(model, activation_checkpointing=self.activation_checkpointing)
         return model
 
 
@@ -295,6 +293,7 @@ def swift_argv(cfg) -> list[str]:
 
 def run_training(cfg) -> dict:
     HiggsAudioTemplate.loss_config = cfg.loss
+    HiggsAudioLoader.activation_checkpointing = cfg.activation_checkpointing
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import accelerate
 

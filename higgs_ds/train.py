@@ -58,6 +58,8 @@ class TrainConfig:
     checkpoint path. Model, optimizer, scheduler, RNG and the data position are restored."""
     log_sample_ids: bool = False
     """Append every micro-batch's sample ids to output_dir/samples_rank{R}.jsonl (audits, tests)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass: far less activation memory, ~30% more compute."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for the mfu metric (0: known GPUs are looked up; none on CPU)."""
     save_probe: bool = False

@@ -149,3 +149,27 @@ def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, t
         assert "input_ids" in record["json"]
         a, b = stored(record), fresh(record)
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.label_ids, b.label_ids)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_model, tiny_model_dir):
+    import boson_multimodal.model.higgs_audio  # noqa: F401
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from higgs_ds.loss import higgs_loss
+    from higgs_ds.model_patches import patch_for_training
+
+    batch = batch_and_model[0]
+    results = []
+    for checkpointing in (False, True):
+        model = patch_for_training(
+            HiggsAudioModel.from_pretrained(tiny_model_dir), activation_checkpointing=checkpointing
+        )
+        out = model(**model_inputs(batch), labels=None)  # labels=None as PEFT passes it
+        loss, _ = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, batch["label_audio_ids"])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+    assert model.get_input_embeddings() is model.embed_tokens

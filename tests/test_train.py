@@ -129,6 +129,8 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
     cli = [sys.executable, "-m", "higgs_ds.cli"]
     subprocess.run(cli + ["export", str(out), "--out", str(export_dir)], check=True, env=_env(), capture_output=True)
     assert json.loads((export_dir / "codec.json").read_text())["codec"]["num_codebooks"] == 8
+    card = (export_dir / "README.md").read_text()
+    assert "step 30 of 30" in card and "index.json sha256" in card and "HiggsAudioModel.from_pretrained" in card
     check = subprocess.run(
         cli + ["check-export", str(export_dir), "--probe", str(out / "probe.pt")],
         env=_env(),
