@@ -43,7 +43,8 @@ class BatchingConfig:
     batch_size: int = 2
     max_tokens: int | None = None
     max_length: int | None = None
-    window: int = 64
+    window: int = 512
+    """Samples sorted by length together before packing: larger packs tighter, smaller mixes more."""
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _fixed_batches(positions: list[Position], size: int) -> list[list[Position]]
 def _budget_batches(positions, refs, cfg: BatchingConfig, rng: random.Random) -> list[list[Position]]:
     """Length-sorted windows packed greedily under max_tokens (padded rectangle), batches then shuffled."""
     batches = []
-    step = cfg.window * max(1, cfg.batch_size)
+    step = cfg.window
     for start in range(0, len(positions), step):
         window = sorted(positions[start : start + step], key=lambda p: _length(refs, p))
         current: list[Position] = []
