@@ -80,3 +80,39 @@ def small_shards(tmp_path_factory, small_manifest, tiny_codec, tiny_model_dir):
         progress=False,
     )
     return out
+
+
+def train_env(port: int) -> dict:
+    """Offline, one thread per rank, 2 ranks per node, the interpreter of this test run."""
+    import sys
+
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHON=sys.executable,
+        NPROC_PER_NODE="2",
+        MASTER_PORT=str(port),
+    )
+
+
+def torchrun_train(out: Path, model_dir: Path, shards: Path, *overrides: str, port: int, timeout: int = 540):
+    """`launch/torchrun.sh configs/demo.toml` on 2 CPU ranks with the given model, shards and overrides."""
+    import subprocess
+
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "torchrun.sh"),
+        str(REPO / "configs" / "demo.toml"),
+        "--model",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--data.shards",
+        json.dumps([str(shards)]),
+        *overrides,
+    ]
+    run = subprocess.run(cmd, cwd=REPO, env=train_env(port), capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout + run.stderr

@@ -4,8 +4,6 @@ uninterrupted run's: the same number of optimizer steps, the same samples in the
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,20 +11,14 @@ import pytest
 
 from higgs_ds.checkpoint import is_complete
 
-from .conftest import REPO
+from .conftest import torchrun_train
 
 
 def _train(out, model_dir, shards, port):
-    cmd = [
-        "bash",
-        str(REPO / "launch" / "torchrun.sh"),
-        str(REPO / "configs" / "demo.toml"),
-        "--model",
-        str(model_dir),
-        "--output_dir",
-        str(out),
-        "--data.shards",
-        json.dumps([str(shards)]),
+    return torchrun_train(
+        out,
+        model_dir,
+        shards,
         "--max_steps",
         "10",
         "--save_steps",
@@ -37,19 +29,9 @@ def _train(out, model_dir, shards, port):
         "false",
         "--log_sample_ids",
         "true",
-    ]
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHON=sys.executable,
-        NPROC_PER_NODE="2",
-        MASTER_PORT=str(port),
+        port=port,
+        timeout=420,
     )
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout + run.stderr
 
 
 def _samples(out, rank):

@@ -15,7 +15,7 @@ from higgs_ds.config import ConfigError, load_config
 from higgs_ds.train import TrainConfig
 from higgs_ds.train import main as train_main
 
-from .conftest import REPO
+from .conftest import torchrun_train, train_env
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
@@ -75,41 +75,26 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
 
 
 def _env():
-    return dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHON=sys.executable,
-        NPROC_PER_NODE="2",
-        MASTER_PORT=str(29500 + os.getpid() % 1000),
-    )
+    return train_env(29500 + os.getpid() % 1000)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shards, tiny_model_dir):
     out = tmp_path / "train"
-    cmd = [
-        "bash",
-        str(REPO / "launch" / "torchrun.sh"),
-        str(REPO / "configs" / "demo.toml"),
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--data.shards",
-        json.dumps([str(small_shards)]),
+    log = torchrun_train(
+        out,
+        tiny_model_dir,
+        small_shards,
         "--max_steps",
         "30",
         "--save_steps",
         "30",
         "--data.batch_size",
         "2",
-    ]
-    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "[higgs-ds] step 30/30" in run.stdout + run.stderr
+        port=29500 + os.getpid() % 1000,
+    )
+    assert "[higgs-ds] step 30/30" in log
 
     ckpt = out / "checkpoint-30"
     partitions = sorted(p.name for p in (ckpt / "global_step30").glob("*optim_states.pt"))
@@ -152,16 +137,10 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
 @pytest.mark.timeout(600)
 def test_two_rank_zero3_lora_trains_adapters_and_exports_merged(tmp_path, small_shards, tiny_model_dir):
     out = tmp_path / "lora"
-    cmd = [
-        "bash",
-        str(REPO / "launch" / "torchrun.sh"),
-        str(REPO / "configs" / "demo.toml"),
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--data.shards",
-        json.dumps([str(small_shards)]),
+    torchrun_train(
+        out,
+        tiny_model_dir,
+        small_shards,
         "--max_steps",
         "20",
         "--save_steps",
@@ -172,9 +151,8 @@ def test_two_rank_zero3_lora_trains_adapters_and_exports_merged(tmp_path, small_
         "lora",
         "--learning_rate",
         "1e-2",
-    ]
-    run = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=540)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        port=28500 + os.getpid() % 1000,
+    )
     ckpt = out / "checkpoint-20"
     adapter = json.loads((ckpt / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and {"q_proj", "gate_proj", "down_proj"} <= set(adapter["target_modules"])
