@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_shards(out: Path, model_dir: Path, num: int, seed: int = 0) -> None:
+def make_shards(
+    out: Path, model_dir: Path, num: int, seed: int = 0, min_seconds: float = 1, max_seconds: float = 20
+) -> None:
     from transformers import AutoTokenizer
 
     from higgs_ds.encoding import chatml_tokens, expanded_length, tokenizer_fingerprint
@@ -40,7 +42,7 @@ def make_shards(out: Path, model_dir: Path, num: int, seed: int = 0) -> None:
     words = "the quick brown fox jumps over a lazy dog while seven bright birds sing near old stone walls".split()
     writer = ShardWriter(out, max_samples=250)
     for i in range(num):
-        seconds = float(rng.uniform(1, 20))
+        seconds = float(rng.uniform(min_seconds, max_seconds))
         frames = int(np.ceil(seconds * 25))
         text = " ".join(rng.choice(words, size=int(rng.randint(4, 12))))
         chatml = {

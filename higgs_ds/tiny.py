@@ -80,35 +80,60 @@ def build_tiny_tokenizer():
     return fast
 
 
-def tiny_model_config(tokenizer, hidden_size: int = 64, num_layers: int = 2):
+# Text backbones: the tiny one of the tests and the demo, and the released one (Llama-3.2-3B shape).
+TINY_TEXT = dict(
+    vocab_size=TINY_VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+)
+RELEASED_TEXT = dict(
+    vocab_size=128256,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+
+
+def model_config(tokenizer, text: dict = TINY_TEXT):
     """HiggsAudioConfig shaped like the released one (dual FFN on every layer, delay pattern, 8 codebooks,
-    audio-in as codes, no Whisper tower), with a 2-layer Llama text backbone."""
+    audio-in as codes, no Whisper tower) around the given Llama text backbone. Special-token ids point at
+    the tokenizer's, so the byte-level tiny tokenizer also drives a full-size model (benchmarks)."""
     import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = dict(
+        text,
         model_type="llama",
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
-        max_position_embeddings=4096,
         rope_theta=500000.0,
         bos_token_id=ids["<|begin_of_text|>"],
         eos_token_id=ids["<|end_of_text|>"],
         pad_token_id=ids["<|end_of_text|>"],
         tie_word_embeddings=False,
     )
+    layers = text["num_hidden_layers"]
     return HiggsAudioConfig(
         text_config=text_config,
         audio_adapter_type="dual_ffn_fast_forward",
-        audio_dual_ffn_layers=list(range(num_layers)),
-        audio_ffn_hidden_size=hidden_size,
-        audio_ffn_intermediate_size=hidden_size * 2,
+        audio_dual_ffn_layers=list(range(layers)),
+        audio_ffn_hidden_size=text["hidden_size"],
+        audio_ffn_intermediate_size=text["intermediate_size"],
         encode_whisper_embed=False,
         encode_audio_in_tokens=True,
         use_delay_pattern=True,
@@ -122,22 +147,22 @@ def tiny_model_config(tokenizer, hidden_size: int = 64, num_layers: int = 2):
         audio_out_bos_token_id=ids["<|audio_out_bos|>"],
         audio_eos_token_id=ids["<|audio_eos|>"],
         pad_token_id=ids["<|end_of_text|>"],
-        hidden_size=hidden_size,
+        hidden_size=text["hidden_size"],
     )
 
 
-def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
-    """Write a loadable tiny HiggsAudioModel directory (config, safetensors, tokenizer)."""
+def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, text: dict = TINY_TEXT, dtype: str = "float32") -> Path:
+    """Write a loadable random-weight HiggsAudioModel directory (config, safetensors, tokenizer)."""
     import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    config = tiny_model_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    config = model_config(tokenizer, text)
     torch.manual_seed(seed)
-    model = HiggsAudioModel(config)
+    model = HiggsAudioModel(config).to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "higgs_ds_tiny.json").write_text(json.dumps({"kind": "tiny-model", "seed": seed}) + "\n")
+    (out / "higgs_ds_tiny.json").write_text(json.dumps({"kind": "random-weight model", "seed": seed}) + "\n")
     return out

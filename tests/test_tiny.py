@@ -64,3 +64,14 @@ def test_tiny_model_is_seeded(tmp_path):
     c = load_file(write_tiny_model(tmp_path / "c", seed=2) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["audio_codebook_embeddings.weight"], c["audio_codebook_embeddings.weight"])
+
+
+def test_released_shape_config_has_the_released_parameter_count():
+    import boson_multimodal.model.higgs_audio  # noqa: F401
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    from higgs_ds.tiny import RELEASED_TEXT, build_tiny_tokenizer, model_config
+
+    with torch.device("meta"):
+        model = HiggsAudioModel(model_config(build_tiny_tokenizer(), RELEASED_TEXT))
+    assert sum(p.numel() for p in model.parameters()) == 5_771_283_456  # bosonai/higgs-audio-v2-generation-3B-base
