@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -177,6 +178,11 @@ def _assemble(sample: ManifestSample, clips: dict, cfg: BuildConfig):
 # ---------------------------------------------------------------- the driver
 
 
+def reason_kind(reason: str) -> str:
+    """The summary's key for a reject reason: its head, numbers generalised ("audio is N s, over ...")."""
+    return re.sub(r"\d+(\.\d+)?", "N", reason.split(": ")[0].split(" (")[0])
+
+
 def count_inputs(manifests: list[str]) -> int:
     total = 0
     for m in manifests:
@@ -321,7 +327,7 @@ def build_shards(
                         raise BuildError(f"{item.manifest}:{item.line} ({item.sample_id}): {item.reason}")
                     rejects.write((json.dumps(item.to_json(), ensure_ascii=False) + "\n").encode())
                     counts["rejected"] += 1
-                    counts["reasons"][item.reason.split(":")[0].split(" (")[0]] += 1
+                    counts["reasons"][reason_kind(item.reason)] += 1
                 else:
                     record, codes, seconds = item
                     counts["accepted"] += 1

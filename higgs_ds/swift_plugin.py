@@ -29,7 +29,7 @@ from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
 
 from higgs_ds.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
-from higgs_ds.checkpoint import latest_complete, read_data_state, write_data_state
+from higgs_ds.checkpoint import latest_complete, read_data_state, stop_files, write_data_state
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import EpochDataLoader, ShardStream
 from higgs_ds.loss import LossConfig, higgs_loss
@@ -208,8 +208,12 @@ class HiggsSft(SwiftSft):
                 f"stopped on request at step {trainer.state.global_step}; its checkpoint is saved and the "
                 "next run with this output_dir resumes from it"
             )
-        elif self.run_cfg.save_probe:
-            save_probe(trainer, self.run_cfg)
+        else:
+            if trainer.args.process_index == 0:  # a request that came after the last step: nothing to resume
+                for path in stop_files(self.run_cfg.output_dir):
+                    path.unlink(missing_ok=True)
+            if self.run_cfg.save_probe:
+                save_probe(trainer, self.run_cfg)
         return result
 
 

@@ -322,12 +322,13 @@ class SlurmCluster:
         run = self._client([_which("sbatch"), "--parsable", *args], env=self.env(env), cwd=cwd)
         return int(run.stdout.strip().split(";")[0])
 
-    def job(self, job_id: int) -> dict:
-        """The job's `scontrol show job` fields (JobState, ExitCode, NodeList, Restarts, StdOut, ...)."""
+    def job(self, job_id: int | str) -> dict:
+        """The job's `scontrol show job` fields (JobState, ExitCode, NodeList, Restarts, StdOut, ...); an array
+        task is "JOB_TASK"."""
         run = self._client(["scontrol", "show", "job", "-o", str(job_id)])
         return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", run.stdout))
 
-    def wait(self, job_id: int, timeout: float, poll: float = 0.2) -> str:
+    def wait(self, job_id: int | str, timeout: float, poll: float = 0.2) -> str:
         """Poll until the job reaches a final state and return it (COMPLETED, FAILED, ...).
 
         A requeued job (REQUEUED, then PENDING again) is followed into its next run. On timeout the job is
