@@ -9,7 +9,7 @@ HF Trainer, with DeepSpeed) with three replacements:
 * data: the per-rank, multi-worker shard stream (higgs_ds.dataloader) replaces ms-swift's rank-0
   streaming dispatcher, so every rank reads its own shards and yields the same number of batches.
 
-Also importable as an ms-swift plugin (`swift sft --external_plugins higgs_ds/swift_plugin.py`).
+Run it through `higgs-ds train` (higgs_ds.train), which builds the SWIFT arguments from the run config.
 """
 
 from __future__ import annotations
@@ -49,8 +49,7 @@ class HiggsAudioLoader(ModelLoader):
 
         self.auto_model_cls = AutoModel
         model = super().get_model(model_dir, config, processor, model_kwargs)
-        # HiggsAudioModel has no get_input_embeddings (its base_model_prefix points at nothing);
-        # PEFT and HF's enable_input_require_grads need it.
+        # get_input_embeddings, PEFT's labels kwarg, activation checkpointing: see higgs_ds.model_patches
         patch_for_training(model, activation_checkpointing=self.activation_checkpointing)
         return model
 
