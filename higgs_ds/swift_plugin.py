@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
@@ -121,6 +122,9 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
     def _save_checkpoint(self, *args, **kwargs):
         ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         write_data_state(ckpt, self.args.process_index, self.args.world_size, self._higgs_loader.state_dict())
+        run_cfg = Path(self.args.output_dir) / "higgs_ds_config.json"
+        if self.args.process_index == 0 and run_cfg.is_file():  # the resolved run config travels with each checkpoint
+            shutil.copy2(run_cfg, Path(ckpt) / run_cfg.name)
         return super()._save_checkpoint(*args, **kwargs)
 
     def _load_rng_state(self, checkpoint):
@@ -154,7 +158,12 @@ TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
 
 def check_codec_matches(index: dict, config, shard_dir: str) -> None:
     codec = index["codec"]
-    want = {"num_codebooks": config.audio_num_codebooks, "codebook_size": config.audio_codebook_size}
+    want = {
+        "num_codebooks": config.audio_num_codebooks,
+        "codebook_size": config.audio_codebook_size,
+        "frame_rate": 25,
+        "sample_rate": 24000,
+    }  # every Higgs-Audio v2 model reads 25 Hz codes of 24 kHz audio
     for key, value in want.items():
         if codec.get(key) != value:
             raise ValueError(

@@ -73,3 +73,23 @@ def test_uninitialised_codebooks_are_refused(tiny_codec, tmp_path):
     )
     with pytest.raises(CodecError, match="uninitialised codebooks"):
         load_codec(tmp_path / "raw")
+
+
+def test_builder_groups_mixed_length_clips_and_matches_one_at_a_time(tiny_codec, tmp_path):
+    """The builder's chunk encoder batches clips of exactly equal length (here: two pairs) and encodes the
+    rest alone; every clip's codes equal boson's own one-at-a-time encode."""
+    import soundfile as sf
+
+    from higgs_ds.shard_build import BuildConfig, _encode_clips, _init_worker
+
+    rng = np.random.RandomState(3)
+    paths = []
+    for i, samples in enumerate([24000, 24000, 30011, 30011, 17000]):
+        path = tmp_path / f"c{i}.wav"
+        sf.write(path, (rng.randn(samples) * 0.1).astype(np.float32), 24000, subtype="FLOAT")
+        paths.append(str(path))
+    _init_worker("tiny", "cpu", None, 2)
+    clips = _encode_clips(paths, BuildConfig())
+    for path in paths:
+        wave, _ = sf.read(path, dtype="float32")
+        np.testing.assert_array_equal(clips[path][0], tiny_codec.model.encode(wave, sr=24000).cpu().numpy())

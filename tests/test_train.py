@@ -15,7 +15,7 @@ from higgs_ds.config import ConfigError, load_config
 from higgs_ds.train import TrainConfig
 from higgs_ds.train import main as train_main
 
-from .conftest import torchrun_train, train_env
+from .conftest import REPO, torchrun_train, train_env
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
@@ -185,3 +185,96 @@ def test_two_rank_zero3_lora_trains_adapters_and_exports_merged(tmp_path, small_
         text=True,
     )
     assert base.returncode == 1  # the adapters changed the model
+
+
+def test_torchrun_script_dry_run_resolves_the_command():
+    env = dict(train_env(29400), NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.5", NPROC_PER_NODE="4")
+    run = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), "--dry-run", "cfg.toml", "--max_steps", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--nnodes 2 --nproc_per_node 4 --node_rank 1 --master_addr 10.0.0.5 --master_port 29400" in run.stdout
+    assert run.stdout.rstrip().endswith("-m higgs_ds.train cfg.toml --max_steps 3")
+    env["RDZV_ENDPOINT"] = "head:29999"
+    run = subprocess.run(
+        ["bash", str(REPO / "launch" / "torchrun.sh"), "--dry-run", "cfg.toml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--rdzv_backend c10d --rdzv_endpoint head:29999" in run.stdout and "--node_rank" not in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_script_trains_on_two_nodes_over_loopback(tmp_path, small_shards, tiny_model_dir):
+    out, port = tmp_path / "two-nodes", 27000 + os.getpid() % 1000
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "torchrun.sh"),
+        str(REPO / "configs" / "demo.toml"),
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--data.shards",
+        json.dumps([str(small_shards)]),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "4",
+        "--data.batch_size",
+        "2",
+        "--save_probe",
+        "false",
+    ]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(train_env(port), NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1"),
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=540)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "[higgs-ds] step 4/4" in logs[0]
+    partitions = sorted(p.name for p in (out / "checkpoint-4" / "global_step4").glob("*optim_states.pt"))
+    assert len(partitions) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_local_goes_from_a_manifest_to_an_exported_model(tmp_path, small_manifest):
+    run = subprocess.run(
+        [
+            "bash",
+            str(REPO / "launch" / "train_local.sh"),
+            str(small_manifest),
+            str(tmp_path / "run"),
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "3",
+            "--data.batch_size",
+            "2",
+            "--save_probe",
+            "false",
+        ],
+        cwd=tmp_path,
+        env=train_env(26000 + os.getpid() % 1000),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "shards" / "index.json").read_text())["num_samples"] == 8
+    assert (tmp_path / "run" / "train" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One line from data to a trained model on this machine:
+#
+#   launch/train_local.sh DATA OUTPUT_DIR [MODEL_DIR] [--key value ...]
+#
+#   DATA        a manifest (.jsonl: its shards are built first, into OUTPUT_DIR/shards) or a shard directory
+#   OUTPUT_DIR  shards (if built), checkpoints and logs (OUTPUT_DIR/train), the export (OUTPUT_DIR/export)
+#   MODEL_DIR   the model to fine-tune [a tiny random-weight Higgs-Audio, written to OUTPUT_DIR/tiny-model]
+#   --key value any `higgs-ds train` setting (higgs-ds train --help)
+#
+# Runs on every local GPU, or on 2 CPU ranks where there is none. Environment: PYTHON [python3],
+# CONFIG [configs/demo.toml], CODEC for building shards [tiny; the released codec's folder for real data].
+set -euo pipefail
+if [[ $# -lt 2 ]]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
+data=$(realpath "$1"); out=$(realpath -m "$2"); shift 2
+model=""
+if [[ $# -gt 0 && $1 != --* ]]; then model=$(realpath "$1"); shift; fi
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHON
+mkdir -p "$out"
+
+if [[ -z $model ]]; then
+  model=$out/tiny-model
+  [[ -f $model/config.json ]] || "$PYTHON" -m higgs_ds.cli tiny-model "$model"
+fi
+if [[ -f $data ]]; then
+  shards=$out/shards
+  if [[ ! -f $shards/index.json ]]; then
+    echo "[train_local] building shards of $data into $shards"
+    "$PYTHON" -m higgs_ds.cli shards build "$data" --out "$shards" --codec "${CODEC:-tiny}" --tokenizer "$model" \
+      --resume
+  fi
+else
+  shards=$data
+fi
+
+gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+export NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ $gpus -gt 0 ]] && echo "$gpus" || echo 2)}
+echo "[train_local] training $model on $shards with $NPROC_PER_NODE rank(s) into $out/train"
+launch/torchrun.sh "${CONFIG:-configs/demo.toml}" --model "$model" --data.shards "[\"$shards\"]" \
+  --output_dir "$out/train" --dtype auto "$@"
+"$PYTHON" -m higgs_ds.cli export "$out/train" --out "$out/export" $([[ -f $out/train/last-checkpoint/adapter_config.json ]] && echo --merge-lora)
+echo "[train_local] done: checkpoints in $out/train, model in $out/export"
