@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
-	@echo "==> installing higgs-ds and its pinned stack into $(VENV) (first time: about 4-5 minutes, ~7 GB)"
+	@echo "==> installing higgs-ds and its pinned stack into $(VENV) (first time: about 4 minutes, ~7 GB)"
 	$(PY) -m pip install --disable-pip-version-check --progress-bar off -q -e '.[test]'
 	@touch $@
 	@echo "==> installed"
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/higgs-ds demo
 
 test: $(STAMP)
-	@echo "==> make test: the test suite (about 5 minutes on 2 cores)"
+	@echo "==> make test: the test suite (about 10 minutes on 2 cores)"
 	$(PY) -m pytest
 
 lint: $(STAMP)
