@@ -97,11 +97,9 @@ def train_env(port: int) -> dict:
     )
 
 
-def torchrun_train(out: Path, model_dir: Path, shards: Path, *overrides: str, port: int, timeout: int = 540):
-    """`launch/torchrun.sh configs/demo.toml` on 2 CPU ranks with the given model, shards and overrides."""
-    import subprocess
-
-    cmd = [
+def train_cmd(out: Path, model_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    """`launch/torchrun.sh configs/demo.toml` with the given model, shards, output dir and overrides."""
+    return [
         "bash",
         str(REPO / "launch" / "torchrun.sh"),
         str(REPO / "configs" / "demo.toml"),
@@ -113,6 +111,19 @@ def torchrun_train(out: Path, model_dir: Path, shards: Path, *overrides: str, po
         json.dumps([str(shards)]),
         *overrides,
     ]
-    run = subprocess.run(cmd, cwd=REPO, env=train_env(port), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_train(out: Path, model_dir: Path, shards: Path, *overrides: str, port: int, timeout: int = 540):
+    """train_cmd on 2 CPU ranks of one node; fails the test with the log's tail if training fails."""
+    import subprocess
+
+    run = subprocess.run(
+        train_cmd(out, model_dir, shards, *overrides),
+        cwd=REPO,
+        env=train_env(port),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout + run.stderr

@@ -35,8 +35,14 @@ def slurm():
 
 def _env(python: str = sys.executable) -> dict:
     # stub interpreters stand in for the trainer only: they would also answer the preflight call
-    return dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHON=python, NPROC_PER_NODE="1",
-                PREFLIGHT="1" if python == sys.executable else "0")
+    return dict(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHON=python,
+        NPROC_PER_NODE="1",
+        PREFLIGHT="1" if python == sys.executable else "0",
+    )
 
 
 def _train_args(out: Path, model: Path, shards: Path, steps: int = 6, save_steps: int = 6, *extra: str) -> list[str]:

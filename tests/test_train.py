@@ -15,7 +15,7 @@ from higgs_ds.config import ConfigError, load_config
 from higgs_ds.train import TrainConfig
 from higgs_ds.train import main as train_main
 
-from .conftest import REPO, torchrun_train, train_env
+from .conftest import REPO, torchrun_train, train_cmd, train_env
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
@@ -213,16 +213,10 @@ def test_torchrun_script_dry_run_resolves_the_command():
 @pytest.mark.timeout(600)
 def test_torchrun_script_trains_on_two_nodes_over_loopback(tmp_path, small_shards, tiny_model_dir):
     out, port = tmp_path / "two-nodes", 27000 + os.getpid() % 1000
-    cmd = [
-        "bash",
-        str(REPO / "launch" / "torchrun.sh"),
-        str(REPO / "configs" / "demo.toml"),
-        "--model",
-        str(tiny_model_dir),
-        "--output_dir",
-        str(out),
-        "--data.shards",
-        json.dumps([str(small_shards)]),
+    cmd = train_cmd(
+        out,
+        tiny_model_dir,
+        small_shards,
         "--max_steps",
         "4",
         "--save_steps",
@@ -231,7 +225,7 @@ def test_torchrun_script_trains_on_two_nodes_over_loopback(tmp_path, small_shard
         "2",
         "--save_probe",
         "false",
-    ]
+    )
     nodes = [
         subprocess.Popen(
             cmd,
