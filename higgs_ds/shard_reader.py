@@ -69,8 +69,9 @@ def _decode_member(shard: str, name: str, data: bytes):
     raise ShardError(f"{shard}: unexpected member {name!r}; higgs-ds shards hold only {MEMBER_TYPES}")
 
 
-def read_shard(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int, dict]]:
-    """Yield (sample position in shard, {"json": ..., "codes": ...}) for the wanted positions, in order."""
+def read_shard(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield (sample position in shard, {"json": ..., "codes": ...}) for every sample, in order: one
+    sequential pass (verify, stats); training reads through member_table instead."""
     try:
         with tarfile.open(path, "r:") as tar:
             position, current_key, current = -1, None, {}
@@ -79,14 +80,12 @@ def read_shard(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int,
                     raise ShardError(f"{path}: member {member.name!r} is not a regular file")
                 key, _, suffix = member.name.partition(".")
                 if key != current_key:
-                    if current_key is not None and (wanted is None or position in wanted):
+                    if current_key is not None:
                         yield position, current
                     position, current_key, current = position + 1, key, {}
-                if wanted is not None and position not in wanted:
-                    continue  # tarfile seeks over the data of members we skip
                 value = _decode_member(path, member.name, tar.extractfile(member).read())
                 current["codes" if suffix == "codes.npy" else suffix] = value
-            if current_key is not None and (wanted is None or position in wanted):
+            if current_key is not None:
                 yield position, current
     except (tarfile.TarError, OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
         if isinstance(err, ShardError):
