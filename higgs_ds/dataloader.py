@@ -7,8 +7,9 @@
     loader.load_state_dict(state)            # in a new process: continues with the next batch
 
 The epoch plan (higgs_ds.epoch_plan) fixes every rank's micro-batches before the epoch starts; each
-dataloader worker reads its round-robin share, encodes (boson's prepare_chatml_sample) and collates
-(boson's HiggsAudioSampleCollator) whole batches. This replaces ms-swift's rank-0 streaming dispatcher.
+dataloader worker reads its round-robin share, encodes (boson's prepare_chatml_sample, or the ids stored
+at build time) and collates (higgs_ds.collate) whole batches. This replaces ms-swift's rank-0 streaming
+dispatcher.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class DataConfig:
     """Dataloader worker processes per rank (0 reads in the training process)."""
     seed: int = 0
     """Seed of the sample order; the same seed gives the same order on every rank and for any worker count."""
+    collator: str = "fast"
+    """"fast" (vectorised, checked against boson's on the first batch of each worker) or "boson"
+    (boson's HiggsAudioSampleCollator itself)."""
 
     def batching(self) -> BatchingConfig:
         return BatchingConfig(batch_size=self.batch_size, max_tokens=self.max_tokens, max_length=self.max_length)
@@ -157,4 +161,4 @@ class EpochDataLoader(torch.utils.data.DataLoader):
 
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:
     stream = ShardStream(cfg, tokenizer, rank=rank, world_size=world_size)
-    return EpochDataLoader(stream, BatchCollator(model_config), cfg.num_workers)
+    return EpochDataLoader(stream, BatchCollator(model_config, cfg.collator), cfg.num_workers)

@@ -1,0 +1,92 @@
+"""The training reader's fast paths (tar header scan, npy decoding) equal the standard library's, and fall
+back to it, or fail naming the shard, on anything else."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from higgs_ds.epoch_plan import ShardRef
+from higgs_ds.shard_reader import (
+    ShardError,
+    _decode_codes,
+    _scan_tarfile,
+    _scan_ustar,
+    member_table,
+    read_positions,
+    read_shard,
+)
+from higgs_ds.shard_writer import encode_codes
+
+
+def _write_tar(path, members: dict, fmt=tarfile.USTAR_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _sample(key: str, frames: int) -> dict:
+    codes = np.arange(8 * frames, dtype=np.uint16).reshape(8, frames)
+    return {f"{key}.json": b'{"id": "%s"}' % key.encode(), f"{key}.codes.npy": encode_codes(codes)}
+
+
+def test_header_scan_equals_tarfile_on_built_shards(small_shards):
+    for path in sorted(small_shards.glob("shard-*.tar")):
+        fast = _scan_ustar(str(path))
+        assert fast is not None and fast == _scan_tarfile(str(path))
+    member_table.cache_clear()
+    ref = ShardRef(str(small_shards / "shard-000000.tar"), 3)
+    direct = list(read_positions([ref], [(0, 2), (0, 0)]))
+    sequential = [record for _, record in read_shard(ref.path)]
+    assert [r["json"] for r in direct] == [sequential[2]["json"], sequential[0]["json"]]
+    assert all(np.array_equal(a["codes"], b["codes"]) for a, b in zip(direct, [sequential[2], sequential[0]]))
+
+
+def test_pax_and_long_names_fall_back_to_tarfile(tmp_path):
+    key = "k" * 120  # longer than ustar's 100-character name field: a pax header
+    path = tmp_path / "pax.tar"
+    _write_tar(path, _sample(key, 5) | _sample("short", 3), fmt=tarfile.PAX_FORMAT)
+    assert _scan_ustar(str(path)) is None
+    table = member_table(str(path))
+    assert [m[0] for sample in table for m in sample] == [
+        f"{key}.json",
+        f"{key}.codes.npy",
+        "short.json",
+        "short.codes.npy",
+    ]
+    records = list(read_positions([ShardRef(str(path), 2)], [(0, 1), (0, 0)]))
+    assert records[0]["json"] == {"id": "short"} and records[1]["codes"].shape == (8, 5)
+
+
+def test_truncated_or_garbled_shards_name_the_file(tmp_path):
+    path = tmp_path / "cut.tar"
+    _write_tar(path, _sample("a", 400))
+    data = path.read_bytes()
+    for cut in (1500, 3000):  # inside the codes member's header (tarfile then stops quietly), inside its data
+        path.write_bytes(data[:cut])
+        assert _scan_ustar(str(path)) is None
+        with pytest.raises(ShardError, match="cut.tar"):
+            member_table.cache_clear()
+            member_table(str(path))
+    garbled = tmp_path / "garbled.tar"
+    garbled.write_bytes(b"not a tar archive at all" * 100)
+    with pytest.raises(ShardError, match="garbled.tar"):
+        list(read_positions([ShardRef(str(garbled), 1)], [(0, 0)]))
+
+
+def test_codes_decode_like_numpy_and_refuse_what_numpy_would(tmp_path):
+    codes = np.random.RandomState(0).randint(0, 1024, size=(8, 37)).astype(np.uint16)
+    fast = _decode_codes(encode_codes(codes))
+    assert fast.dtype == np.uint16 and np.array_equal(fast, codes)
+    buf = io.BytesIO()
+    np.save(buf, np.asfortranarray(codes))  # another header: numpy's own reader, same values
+    assert np.array_equal(_decode_codes(buf.getvalue()), codes)
+    with pytest.raises(ValueError, match="header says"):
+        _decode_codes(encode_codes(codes)[:-10])
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):  # object arrays need pickle: refused
+        _decode_codes(buf.getvalue())
