@@ -9,14 +9,24 @@ HF Trainer, with DeepSpeed) with three replacements:
 * data: the per-rank, multi-worker shard stream (higgs_ds.dataloader) replaces ms-swift's rank-0
   streaming dispatcher, so every rank reads its own shards and yields the same number of batches.
 
-Run it through `higgs-ds train` (higgs_ds.train), which builds the SWIFT arguments from the run config.
+Run it through `higgs-ds train` (higgs_ds.train), which builds the SWIFT arguments from the run config,
+or from ms-swift's own CLI, where `--dataset` names shard directories:
+
+    swift sft --external_plugins higgs_ds/swift_plugin.py --model DIR --model_type higgs_audio \
+        --template higgs_audio --dataset SHARD_DIR [SHARD_DIR ...] --max_steps N --deepspeed ds_configs/zero3.json
+
+Loaded that way (by path, under a module name SWIFT makes up), the plugin hooks SwiftSft at import: when
+every --dataset entry is a shard directory the same per-rank stream is used, built from SWIFT's own
+arguments (see `cli_data_config`); any other dataset goes through SWIFT's own loading, unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
@@ -32,10 +42,12 @@ from swift.utils import get_logger
 from higgs_ds.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
 from higgs_ds.checkpoint import latest_complete, read_data_state, stop_files, write_data_state
 from higgs_ds.collate import BatchCollator, model_inputs
-from higgs_ds.dataloader import EpochDataLoader, ShardStream
+from higgs_ds.dataloader import DataConfig, EpochDataLoader, ShardStream
+from higgs_ds.errors import UserError
 from higgs_ds.loss import LossConfig, higgs_loss
 from higgs_ds.model_patches import patch_for_training
 from higgs_ds.shard_reader import load_index
+from higgs_ds.shard_writer import INDEX_NAME
 
 logger = get_logger()
 MODEL_TYPE = TEMPLATE_TYPE = "higgs_audio"
@@ -106,25 +118,79 @@ register_template(
 )
 
 
+# Settings of the shard stream that SWIFT has no flag for, read from the environment on the
+# `swift sft` path (`higgs-ds train` takes them from its config instead).
+ENV_MAX_TOKENS = "HIGGS_DS_MAX_TOKENS"  # data.max_tokens: budget batching instead of a fixed batch size
+ENV_MAX_LENGTH = "HIGGS_DS_MAX_LENGTH"  # data.max_length (SWIFT's --max_length defaults to the model's context)
+ENV_PEAK_TFLOPS = "HIGGS_DS_PEAK_TFLOPS"  # peak_tflops, for the mfu metric
+ENV_LOG_SAMPLE_IDS = "HIGGS_DS_LOG_SAMPLE_IDS"  # "1": log_sample_ids (output_dir/samples_rank{R}.jsonl)
+
+
+def _env_number(name: str, kind=int):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"${name} must be a number, got {value!r}") from None
+
+
 class HiggsAudioTrainer(Seq2SeqTrainer):
     """SWIFT's trainer with the shard stream's own per-rank DataLoader (no rank-0 dispatcher), whose
-    position is saved in every checkpoint and restored on resume (no batch is replayed or skipped)."""
+    position is saved in every checkpoint and restored on resume (no batch is replayed or skipped), and
+    higgs-ds' callbacks (throughput metrics, the dense log line, stop requests)."""
 
     sample_log: str | None = None  # path for per-rank sample-id logs (TrainConfig.log_sample_ids)
+    peak_tflops: float = 0.0  # TrainConfig.peak_tflops; 0: $HIGGS_DS_PEAK_TFLOPS, else known GPUs
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Added here, not by the pipeline, so that `higgs-ds train` and `swift sft` get the same set;
+        # each only once, whoever else (e.g. SWIFT's --callbacks) may have added one.
+        peak = (self.peak_tflops or _env_number(ENV_PEAK_TFLOPS, float) or 0.0) * 1e12 or device_peak_flops()
+        for callback in (ThroughputCallback(self, peak), DenseLogCallback(), StopRequestCallback(self.args.output_dir)):
+            if not any(isinstance(cb, type(callback)) for cb in self.callback_handler.callbacks):
+                self.add_callback(callback)
+        self.stop_callback = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, StopRequestCallback))
+        if self.sample_log is None and os.environ.get(ENV_LOG_SAMPLE_IDS, "") == "1":
+            self.sample_log = os.path.join(self.args.output_dir, "samples_rank{rank}.jsonl")
 
     def get_train_dataloader(self, skip_batches=0):
-        if skip_batches:  # ignore_data_skip is always on: the data position comes from the checkpoint
-            raise RuntimeError("higgs-ds restores the data position itself; ignore_data_skip must stay true")
         stream = self.train_dataset
+        if not isinstance(stream, ShardStream):  # a dataset SWIFT loaded itself (not shard directories)
+            return super().get_train_dataloader(skip_batches)
+        if skip_batches:  # the data position comes from the checkpoint, nothing is re-read
+            raise RuntimeError(
+                "higgs-ds restores the data position itself: pass --ignore_data_skip true (it must stay true)"
+            )
         self._higgs_loader = EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
         return self._higgs_loader
 
+    def train(self, *args, **kwargs):
+        stop_file = Path(self.args.output_dir) / "STOP"
+        if self.args.process_index == 0 and stop_file.exists():
+            stop_file.unlink()
+            logger.info(f"removed a stop request left by an earlier run: {stop_file}")
+        result = super().train(*args, **kwargs)
+        if self.stop_callback.stopped:
+            logger.info(
+                f"stopped on request at step {self.state.global_step}; its checkpoint is saved and the "
+                "next run with this output_dir resumes from it"
+            )
+        elif self.args.process_index == 0:  # a request that came after the last step: nothing to resume
+            for path in stop_files(self.args.output_dir):
+                path.unlink(missing_ok=True)
+        return result
+
     def _save_checkpoint(self, *args, **kwargs):
-        ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        write_data_state(ckpt, self.args.process_index, self.args.world_size, self._higgs_loader.state_dict())
-        run_cfg = Path(self.args.output_dir) / "higgs_ds_config.json"
-        if self.args.process_index == 0 and run_cfg.is_file():  # the resolved run config travels with each checkpoint
-            shutil.copy2(run_cfg, Path(ckpt) / run_cfg.name)
+        loader = getattr(self, "_higgs_loader", None)
+        if loader is not None:
+            ckpt = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            write_data_state(ckpt, self.args.process_index, self.args.world_size, loader.state_dict())
+            run_cfg = Path(self.args.output_dir) / "higgs_ds_config.json"
+            if self.args.process_index == 0 and run_cfg.is_file():  # the resolved run config travels along
+                shutil.copy2(run_cfg, Path(ckpt) / run_cfg.name)
         return super()._save_checkpoint(*args, **kwargs)
 
     def _load_rng_state(self, checkpoint):
@@ -135,7 +201,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
         allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
         with torch.serialization.safe_globals(allowed):
             super()._load_rng_state(checkpoint)
-        if checkpoint is None:
+        if checkpoint is None or getattr(self, "_higgs_loader", None) is None:
             return
         state = read_data_state(checkpoint, self.args.process_index)
         if state is None:
@@ -166,26 +232,33 @@ def check_codec_matches(index: dict, config, shard_dir: str) -> None:
     }  # every Higgs-Audio v2 model reads 25 Hz codes of 24 kHz audio
     for key, value in want.items():
         if codec.get(key) != value:
-            raise ValueError(
+            raise UserError(
                 f"shards in {shard_dir} were built with a codec of {key}={codec.get(key)}, the model "
                 f"expects {value}; rebuild the shards with the model's codec"
             )
 
 
+def open_shard_stream(data: DataConfig, model_config, tokenizer) -> ShardStream:
+    """This rank's stream over `data.shards`, once every index's codec is checked against the model."""
+    for d in data.shards:
+        check_codec_matches(load_index(d), model_config, d)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    stream = ShardStream(data, tokenizer, rank=rank, world_size=world)
+    stream.check_workers(data.num_workers)  # now, not after the trainer is built
+    logger.info(f"shard stream: rank {rank}/{world}, {stream.num_batches()} batches per epoch per rank")
+    return stream
+
+
 class HiggsSft(SwiftSft):
+    """The `higgs-ds train` pipeline: the run config (not SWIFT's arguments) chooses the data and resume."""
+
     def __init__(self, args, run_cfg):
         self.run_cfg = run_cfg
         super().__init__(args)
 
     def _prepare_dataset(self):
-        cfg = self.run_cfg
-        for d in cfg.data.shards:
-            check_codec_matches(load_index(d), self.model.config, d)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        stream = ShardStream(cfg.data, self.template.tokenizer, rank=rank, world_size=world)
-        logger.info(f"shard stream: rank {rank}/{world}, {stream.num_batches()} batches per epoch per rank")
-        return [stream, None]
+        return [open_shard_stream(self.run_cfg.data, self.model.config, self.template.tokenizer), None]
 
     def _get_resume_checkpoint(self, trainer):
         explicit = super()._get_resume_checkpoint(trainer)
@@ -199,30 +272,167 @@ class HiggsSft(SwiftSft):
         return str(latest) if latest else None
 
     def train(self, trainer):
-        if trainer.args.process_index == 0:
-            leftover = Path(self.run_cfg.output_dir) / "STOP"
-            if leftover.exists():
-                leftover.unlink()
-                logger.info(f"removed a stop request left by an earlier run: {leftover}")
-        if self.run_cfg.log_sample_ids:
-            HiggsAudioTrainer.sample_log = os.path.join(self.run_cfg.output_dir, "samples_rank{rank}.jsonl")
-        stop = StopRequestCallback(self.run_cfg.output_dir)
-        trainer.add_callback(ThroughputCallback(trainer, self.run_cfg.peak_tflops * 1e12 or device_peak_flops()))
-        trainer.add_callback(DenseLogCallback())
-        trainer.add_callback(stop)
         result = super().train(trainer)
-        if stop.stopped:
-            logger.info(
-                f"stopped on request at step {trainer.state.global_step}; its checkpoint is saved and the "
-                "next run with this output_dir resumes from it"
-            )
-        else:
-            if trainer.args.process_index == 0:  # a request that came after the last step: nothing to resume
-                for path in stop_files(self.run_cfg.output_dir):
-                    path.unlink(missing_ok=True)
-            if self.run_cfg.save_probe:
-                save_probe(trainer, self.run_cfg)
+        if not trainer.stop_callback.stopped and self.run_cfg.save_probe:
+            save_probe(trainer, self.run_cfg)
         return result
+
+
+# ---- `swift sft --external_plugins higgs_ds/swift_plugin.py`: SwiftSft itself, hooked at import ----
+
+
+def cli_shard_dirs(args) -> list[str] | None:
+    """The shard directories named by SWIFT's --dataset, or None when SWIFT's own loading applies.
+    Raises UserError for what cannot be trained: a folder without index.json given to the higgs_audio
+    template, shard directories mixed with other datasets, evaluation data (not supported yet)."""
+    entries = [str(e) for e in (args.dataset or [])]
+    dirs = [e for e in entries if os.path.isdir(e)]
+    indexed = [d for d in dirs if Path(d, INDEX_NAME).is_file()]
+    if not indexed and (not dirs or args.template != TEMPLATE_TYPE):
+        return None  # not shards: SWIFT's own datasets (its folder datasets included)
+    if len(dirs) < len(entries):
+        others = [e for e in entries if e not in dirs]
+        raise UserError(
+            f"--dataset mixes shard directories with other datasets ({', '.join(others)}); pass only shard directories"
+        )
+    missing = [d for d in dirs if d not in indexed]
+    if missing:
+        raise UserError(
+            f"--dataset {missing[0]} has no {INDEX_NAME}: it is not a shard directory; build one with "
+            "`higgs-ds shards build MANIFEST --out DIR --codec CODEC`"
+        )
+    if args.val_dataset or args.split_dataset_ratio:
+        raise UserError(
+            "evaluation data is not supported with shard directories: drop --val_dataset / --split_dataset_ratio"
+        )
+    return dirs
+
+
+def cli_data_config(args, shards: list[str]) -> DataConfig:
+    """The shard stream's settings from SWIFT's arguments (read before the trainer is built: SwiftMixin
+    then sets dataloader_num_workers to 1 for any iterable dataset, but the stream's own DataLoader keeps
+    the number given here), and the environment for what SWIFT has no flag for."""
+    training = args.training_args
+    return DataConfig(
+        shards=shards,
+        batch_size=training.per_device_train_batch_size,
+        max_tokens=_env_number(ENV_MAX_TOKENS),
+        max_length=_env_number(ENV_MAX_LENGTH),
+        num_workers=training.dataloader_num_workers,  # SWIFT's default when not given: 1
+        seed=args.data_seed,
+    )
+
+
+def _user_errors_exit(method):
+    """Run a hooked SwiftSft step; a UserError ends the process with its message, not a traceback."""
+
+    def hooked(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except UserError as err:
+            raise SystemExit(f"higgs-ds: error: {err}") from None
+
+    hooked.__name__ = hooked.__qualname__ = method.__name__
+    hooked.higgs_ds_hook = True
+    return hooked
+
+
+def _install_cli_hooks() -> None:
+    if getattr(SwiftSft._prepare_dataset, "higgs_ds_hook", False):
+        return  # already hooked (the plugin imported twice, e.g. by path and as higgs_ds.swift_plugin)
+    swift_prepare_model_tokenizer = SwiftSft._prepare_model_tokenizer
+    swift_prepare_dataset = SwiftSft._prepare_dataset
+
+    @_user_errors_exit
+    def _prepare_model_tokenizer(self, **kwargs):
+        # Check the shards (index, codec) before the model is loaded, which takes minutes at full size.
+        shards = cli_shard_dirs(self.args)
+        if shards:
+            from transformers import AutoConfig  # boson's config class, registered on import above
+
+            config = AutoConfig.from_pretrained(self.args.model_info.model_dir)
+            for d in shards:
+                check_codec_matches(load_index(d), config, d)
+        return swift_prepare_model_tokenizer(self, **kwargs)
+
+    @_user_errors_exit
+    def _prepare_dataset(self):
+        shards = cli_shard_dirs(self.args)
+        if shards is None:
+            return swift_prepare_dataset(self)
+        if self.args.training_args.max_steps <= 0:
+            raise UserError("a shard stream has no length: pass --max_steps N")
+        if not self.args.training_args.ignore_data_skip:
+            # Resuming must not re-read batches: each checkpoint holds every rank's data position.
+            self.args.ignore_data_skip = self.args.training_args.ignore_data_skip = True
+            logger.info("setting ignore_data_skip: true (the data position is restored from the checkpoint)")
+        data = cli_data_config(self.args, shards)
+        logger.info(f"higgs-ds data from SWIFT's arguments: {data}")
+        return [open_shard_stream(data, self.model.config, self.template.tokenizer), None]
+
+    SwiftSft._prepare_model_tokenizer = _prepare_model_tokenizer
+    SwiftSft._prepare_dataset = _prepare_dataset
+
+
+_install_cli_hooks()
+
+
+def configure_cpu_ranks(use_deepspeed: bool) -> None:
+    """On a CPU-only host with several ranks, create accelerate's state with the gloo backend before the
+    trainer's arguments do: transformers 4.46 builds it there with no backend and counts one process.
+    The trainer reuses it with --ddp_backend gloo --accelerator_config '{"use_configured_state": true}'."""
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if torch.distributed.is_initialized() or multiprocessing.parent_process() is not None:
+        return  # already set up, or a dataloader worker re-importing the plugin: never a second group
+    import accelerate
+
+    if use_deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    accelerate.PartialState(backend="gloo")
+
+
+def _reuse_cpu_state_in_training_args() -> None:
+    """`--ddp_backend gloo --accelerator_config '{"use_configured_state": true}'` for a `swift sft` run
+    on a CPU-only host, given for the user: SftArguments builds the trainer's arguments (and sets up their
+    devices) right after importing the plugin, through TrainerFactory.get_training_args."""
+    swift_get_training_args = TrainerFactory.get_training_args
+
+    def get_training_args(cls, args):
+        from accelerate import PartialState
+
+        if not torch.cuda.is_available() and PartialState._shared_state:  # made by configure_cpu_ranks
+            args.ddp_backend = args.ddp_backend or "gloo"
+            config = args.accelerator_config
+            if isinstance(config, str) and not os.path.isfile(config):  # inline JSON, not a file
+                config = json.loads(config)
+            if isinstance(config, dict):
+                args.accelerator_config = dict(config, use_configured_state=True)
+        return swift_get_training_args(args)
+
+    TrainerFactory.get_training_args = classmethod(get_training_args)
+
+
+def _refuse_model_code(argv: list[str]) -> None:
+    """SWIFT reads the model's config with trust_remote_code=True while parsing its arguments (after this
+    import): refuse a model directory that ships code, as `higgs-ds train` does."""
+    model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
+    if "--model" in argv[:-1]:
+        model = argv[argv.index("--model") + 1]
+    config = Path(model or "", "config.json")
+    if model and config.is_file() and "auto_map" in json.loads(config.read_text()):
+        raise SystemExit(
+            f"higgs-ds: error: {config} has an auto_map (custom model code); higgs-ds runs only "
+            "boson_multimodal's own classes: remove auto_map from the config"
+        )
+
+
+if __name__ != "higgs_ds.swift_plugin":
+    # Imported by path through `swift sft --external_plugins`, while SWIFT parses its arguments and
+    # before it builds the trainer's: the one moment the gloo state can be made for it.
+    _refuse_model_code(sys.argv)
+    configure_cpu_ranks("--deepspeed" in sys.argv)
+    _reuse_cpu_state_in_training_args()
 
 
 def save_probe(trainer, cfg) -> None:
@@ -306,10 +516,9 @@ def swift_argv(cfg) -> list[str]:
 def run_training(cfg) -> dict:
     HiggsAudioTemplate.loss_config = cfg.loss
     HiggsAudioLoader.activation_checkpointing = cfg.activation_checkpointing
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import accelerate
-
-        if cfg.deepspeed:
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        accelerate.PartialState(backend="gloo")
+    HiggsAudioTrainer.peak_tflops = cfg.peak_tflops
+    HiggsAudioTrainer.sample_log = (
+        os.path.join(cfg.output_dir, "samples_rank{rank}.jsonl") if cfg.log_sample_ids else None
+    )
+    configure_cpu_ranks(bool(cfg.deepspeed))
     return HiggsSft(swift_argv(cfg), cfg).main()
