@@ -30,7 +30,7 @@ import numpy as np
 from higgs_ds.audio import AudioError, load_audio
 from higgs_ds.codec import sha256_file
 from higgs_ds.errors import UserError
-from higgs_ds.manifest import ManifestSample, Reject, audio_items, iter_manifests
+from higgs_ds.manifest import ManifestSample, Reject, audio_items, check_manifest_path, iter_manifests, manifest_lines
 from higgs_ds.shard_writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
 
 
@@ -81,13 +81,13 @@ def slice_names(cfg: BuildConfig) -> tuple[str, str, str, str]:
 _WORKER: dict = {}
 
 
-def _init_worker(codec_spec: str, device: str, tokenizer: str | None, threads: int) -> None:
+def _init_worker(codec_spec: str, device: str, tokenizer: str | None, threads: int, codec=None) -> None:
     import torch
 
     from higgs_ds.codec import resolve_codec
 
     torch.set_num_threads(threads)
-    _WORKER["codec"] = resolve_codec(codec_spec, device=device)
+    _WORKER["codec"] = codec or resolve_codec(codec_spec, device=device)
     if tokenizer:
         from transformers import AutoTokenizer
 
@@ -98,25 +98,40 @@ def _encode_clips(paths: list[str], cfg: BuildConfig) -> dict:
     """path -> (codes, seconds) or AudioError; equal-length clips are encoded in one batch."""
     codec = _WORKER["codec"]
     rate = codec.provenance["sample_rate"]
+    # the codec's convolutions fail on less than one frame (40 ms), and such a clip says nothing anyway
+    min_seconds = codec.provenance["hop_length"] / rate
     waves, results = {}, {}
     for path in paths:
         try:
-            wave = load_audio(path, rate)
-            if len(wave) / rate > cfg.max_seconds:
-                raise AudioError(f"audio is {len(wave) / rate:.1f} s, over --max-seconds {cfg.max_seconds:g}: {path}")
-            waves[path] = wave
+            waves[path] = load_audio(path, rate, max_seconds=cfg.max_seconds, min_seconds=min_seconds)
         except AudioError as err:
             results[path] = err
+        except MemoryError:
+            results[path] = AudioError(f"audio is too large to decode in memory: {path}")
     by_length: dict[int, list[str]] = {}
     for path, wave in waves.items():
         by_length.setdefault(len(wave), []).append(path)
     for length, group in by_length.items():
         for start in range(0, len(group), 16):
             part = group[start : start + 16]
-            codes = codec.encode_batch(np.stack([waves[p] for p in part]))
-            for path, c in zip(part, codes):
-                results[path] = (c, length / rate)
+            for path, c in zip(part, _encode_group(codec, [waves[p] for p in part], part)):
+                results[path] = c if isinstance(c, AudioError) else (c, length / rate)
     return results
+
+
+def _encode_group(codec, waves: list, paths: list[str]) -> list:
+    """Codes per wave; if the batch fails, each clip alone, so one clip the codec refuses rejects only its
+    samples. Running out of memory is the machine's problem, not the clip's: it stops the build."""
+    import torch
+
+    try:
+        return list(codec.encode_batch(np.stack(waves)))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - reported per clip below
+        if len(waves) == 1:
+            return [AudioError(f"the codec could not encode this audio ({type(err).__name__}: {err}): {paths[0]}")]
+    return [_encode_group(codec, [w], [p])[0] for w, p in zip(waves, paths)]
 
 
 def _tokens(chatml: dict, frames: list[int], sample_id) -> dict:
@@ -172,23 +187,34 @@ def _assemble(sample: ManifestSample, clips: dict, cfg: BuildConfig):
         record.update(_tokens(sample.chatml, [i["frames"] for i in items], sample.sample_id))
     except UserError as err:
         return Reject(sample.manifest, sample.line, sample.sample_id, str(err))
+    except Exception as err:  # noqa: BLE001 - boson's text processing, on text we do not control
+        reason = f"the tokenizer could not encode this sample ({type(err).__name__}: {err})"
+        return Reject(sample.manifest, sample.line, sample.sample_id, reason)
     return record, np.concatenate(codes, axis=1), total
 
 
 # ---------------------------------------------------------------- the driver
 
 
+# quoted field names stay in a reject's summary key; other quoted text is the user's value
+_FIELDS = {"messages", "role", "content", "type", "text", "audio", "audio_url", "start_index", "speaker", "misc", "id"}
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
 def reason_kind(reason: str) -> str:
-    """The summary's key for a reject reason: its head, numbers generalised ("audio is N s, over ...")."""
-    return re.sub(r"\d+(\.\d+)?", "N", reason.split(": ")[0].split(" (")[0])
+    """The summary's key for a reject reason: its head without the message it is about, user values and
+    numbers generalised ("unknown role '…'", "audio is N s, over --max-seconds N")."""
+    head = re.sub(r"^messages\[\d+\][^:]*: ", "", reason).split(": ")[0].split(" (")[0]
+    head = _QUOTED.sub(lambda m: m[0] if m[0][1:-1] in _FIELDS else "'…'", head)
+    return re.sub(r"(?<![\w-])\d+(\.\d+)?", "N", head)
 
 
 def count_inputs(manifests: list[str]) -> int:
-    total = 0
-    for m in manifests:
-        with open(m, "rb") as f:
-            total += sum(1 for line in f if line.strip())
-    return total
+    return sum(1 for m in manifests for _ in manifest_lines(m))
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _chunks(manifests, start: int, end: int, size: int):
@@ -234,18 +260,23 @@ class _Journal:
 def build_shards(
     manifests: list[str],
     out_dir: str,
-    codec_spec: str = "tiny",
+    codec_spec="tiny",
     cfg: BuildConfig = BuildConfig(),
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Build this slice's shards; returns the summary (also stored in the index under "build")."""
+    """Build this slice's shards; returns the summary (also stored in the index under "build").
+    codec_spec: 'tiny', a codec directory, or an already loaded Codec (saves loading it again)."""
     from tqdm import tqdm
 
     from higgs_ds.codec import resolve_codec
 
     started = time.time()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file, not a directory")
+    for manifest in manifests:
+        check_manifest_path(manifest)
     out.mkdir(parents=True, exist_ok=True)
     pattern, index_name, rejects_name, journal_name = slice_names(cfg)
     if (out / index_name).exists():
@@ -258,11 +289,16 @@ def build_shards(
         raise BuildError(f"{out} holds shards of an unfinished build; pass --resume to continue it")
 
     total = count_inputs(manifests)
+    if total == 0:
+        raise BuildError(f"no input: {', '.join(map(str, manifests))} hold no non-blank lines")
     start, end = total * cfg.slice_index // cfg.num_slices, total * (cfg.slice_index + 1) // cfg.num_slices
     if cfg.min_shards > 1:  # small enough shards that the planned ranks x workers all get one
         cfg = replace(cfg, shard_samples=max(1, min(cfg.shard_samples, (end - start) // cfg.min_shards)))
 
-    codec = resolve_codec(codec_spec, device=device)  # the driver needs provenance; workers load their own
+    if isinstance(codec_spec, str):
+        codec = resolve_codec(codec_spec, device=device)  # the driver needs provenance; workers load their own
+    else:
+        codec, codec_spec = codec_spec, codec_spec.path
     writer = ShardWriter(out, max_samples=cfg.shard_samples, max_bytes=cfg.shard_bytes, name_pattern=pattern)
     counts = {"accepted": 0, "rejected": 0, "audio_seconds": 0.0, "reasons": Counter()}
     next_ordinal = start
@@ -317,15 +353,21 @@ def build_shards(
         results = pool.imap(_encode_chunk_task, ((c, cfg) for c in chunks))
     else:
         pool = None
-        _init_worker(codec_spec, device, cfg.tokenizer, os.cpu_count() or 1)
+        _init_worker(codec_spec, device, cfg.tokenizer, os.cpu_count() or 1, codec)  # the driver's codec: load once
         results = (encode_chunk(c, cfg) for c in chunks)
     try:
         for chunk in results:
             for ordinal, item in chunk:
                 if isinstance(item, Reject):
                     if cfg.fast_fail:
-                        raise BuildError(f"{item.manifest}:{item.line} ({item.sample_id}): {item.reason}")
-                    rejects.write((json.dumps(item.to_json(), ensure_ascii=False) + "\n").encode())
+                        raise BuildError(
+                            _one_line(f"{item.manifest}:{item.line} (sample {item.sample_id}): {item.reason}")
+                            + " [--fast-fail; without it bad lines go to rejects.jsonl and the build goes on]"
+                        )
+                    # backslashreplace: a manifest file name that is not UTF-8 must not stop the build
+                    rejects.write(
+                        (json.dumps(item.to_json(), ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+                    )
                     counts["rejected"] += 1
                     counts["reasons"][reason_kind(item.reason)] += 1
                 else:
@@ -361,7 +403,8 @@ def build_shards(
         "tokenizer_fingerprint": _fingerprint(cfg.tokenizer),
     }
     if not shards and cfg.num_slices == 1:
-        raise BuildError(f"no sample was accepted from {manifests}; see {out / rejects_name}")
+        top = ", ".join(f"{n} x {kind}" for kind, n in counts["reasons"].most_common(3))
+        raise BuildError(f"none of the {num_inputs} input lines was accepted ({top}); see {out / rejects_name}")
     write_index(out / index_name, shards, codec.provenance, summary)
     journal.path.unlink(missing_ok=True)
     if len(shards) < cfg.min_shards:

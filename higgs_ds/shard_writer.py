@@ -101,7 +101,8 @@ class ShardWriter:
             self._open()
         payload = {
             "__key__": key,
-            "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode(),
+            # backslashreplace: a non-UTF-8 manifest file name (in "source") is written as a \udcXX escape
+            "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8", "backslashreplace"),
             "codes.npy": encode_codes(codes),
         }
         self._entry["bytes"] += self._tar.write(payload)

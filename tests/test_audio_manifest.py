@@ -41,6 +41,61 @@ def test_load_audio_errors_name_the_problem(tmp_path):
         load_audio(truncated, 24000)
 
 
+# (file, soundfile format, subtype, native rate, channels): compressed formats and unusual WAVs
+FORMATS = [
+    ("tone.mp3", "MP3", "MPEG_LAYER_III", 22050, 1),
+    ("tone.ogg", "OGG", "VORBIS", 44100, 2),
+    ("tone.opus", "OGG", "OPUS", 48000, 1),  # Opus runs at 8/12/16/24/48 kHz only
+    ("tone_8k.wav", "WAV", "PCM_16", 8000, 1),
+    ("tone_96k.wav", "WAV", "PCM_24", 96000, 2),
+    ("six_u8.wav", "WAV", "PCM_U8", 16000, 6),
+    ("f64.wav", "WAV", "DOUBLE", 32000, 1),
+    ("six.flac", "FLAC", "PCM_24", 48000, 6),
+]
+TONE_HZ = 440
+
+
+def write_tone(path, fmt: str, subtype: str, rate: int, channels: int, seconds: float = 0.5) -> None:
+    if subtype not in sf.available_subtypes(fmt):
+        pytest.skip(f"this libsndfile cannot write {fmt}/{subtype}")
+    tone = 0.3 * np.sin(2 * np.pi * TONE_HZ * np.arange(int(seconds * rate)) / rate)
+    sf.write(path, np.stack([tone] * channels, axis=1), rate, format=fmt, subtype=subtype)
+
+
+@pytest.mark.parametrize("name, fmt, subtype, rate, channels", FORMATS)
+def test_formats_rates_and_channels_load_as_24k_mono(tmp_path, name, fmt, subtype, rate, channels):
+    write_tone(tmp_path / name, fmt, subtype, rate, channels)
+    assert (sf.info(tmp_path / name).samplerate, sf.info(tmp_path / name).channels) == (rate, channels)
+    wave = load_audio(tmp_path / name, 24000)
+    assert wave.ndim == 1 and wave.dtype == np.float32
+    assert abs(len(wave) - 12000) <= 960  # 0.5 s, within one codec frame (lossy codecs pad)
+    spectrum = np.abs(np.fft.rfft(wave))
+    assert abs(np.argmax(spectrum) * 24000 / len(wave) - TONE_HZ) < 5  # resampled from the right rate
+    assert 0.2 < np.abs(wave).max() < 0.4  # downmixed by averaging, not summing
+
+
+def test_compressed_formats_build_into_shards(tmp_path, tiny_codec):
+    from higgs_ds.shard_build import build_shards
+    from higgs_ds.shard_reader import load_index, read_shard
+
+    (tmp_path / "in").mkdir()
+    lines = []
+    for name, fmt, subtype, rate, channels in FORMATS[:3]:  # mp3, ogg/vorbis, ogg/opus
+        write_tone(tmp_path / "in" / name, fmt, subtype, rate, channels, seconds=0.3)
+        lines.append(json.dumps({"audio": name, "text": f"A tone in {name}.", "id": name}))
+    (tmp_path / "in" / "m.jsonl").write_text("\n".join(lines) + "\n")
+    summary = build_shards([str(tmp_path / "in" / "m.jsonl")], str(tmp_path / "out"), tiny_codec, progress=False)
+    assert summary["accepted"] == 3 and summary["rejected"] == 0
+    shard = tmp_path / "out" / load_index(tmp_path / "out")["shards"][0]["file"]
+    ids = []
+    for _, record in read_shard(str(shard)):
+        (item,) = record["json"]["audio"]
+        ids.append(record["json"]["id"])
+        assert abs(item["seconds"] - 0.3) <= 0.04, record["json"]["id"]
+        assert item["frames"] in (7, 8, 9) and record["codes"].shape == (8, item["frames"])  # 25 Hz: ceil(7.5)
+    assert ids == ["tone.mp3", "tone.ogg", "tone.opus"]
+
+
 GOOD_TTS = {
     "messages": [
         {"role": "user", "content": "Hello."},
@@ -65,10 +120,10 @@ BAD_LINES = [
     (_line(messages=[{"role": "user", "content": "only text"}]), "nothing to train on"),
     (
         _line(messages=[{"role": "assistant", "content": {"type": "audio", "audio_url": "../../etc/passwd"}}]),
-        "leaves the manifest's folder",
+        "leaves the manifest folder",
     ),
     (_line(start_index=7), "'start_index' must be an integer"),
-    (json.dumps({"audio": "audio/bob_001.flac", "text": ""}), "empty or non-string 'text'"),
+    (json.dumps({"audio": "audio/bob_001.flac", "text": ""}), "TTS item 'text' is empty"),
 ]
 
 

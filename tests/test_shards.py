@@ -65,7 +65,8 @@ def test_build_is_byte_identical_and_accounts_for_every_line(tmp_path, tiny_code
     lines.append({"messages": [{"role": "assistant", "content": {"type": "audio", "audio_url": "audio/nope.wav"}}]})
     manifest = write_manifest(tmp_path / "in", lines)
     summaries = [
-        build_shards([str(manifest)], str(tmp_path / out), "tiny", BuildConfig(), progress=False) for out in ("a", "b")
+        build_shards([str(manifest)], str(tmp_path / out), tiny_codec, BuildConfig(), progress=False)
+        for out in ("a", "b")
     ]
     assert summaries[0]["accepted"] == 2 and summaries[0]["rejected"] == 3 and summaries[0]["inputs"] == 5
     assert (tmp_path / "a" / "shard-000000.tar").read_bytes() == (tmp_path / "b" / "shard-000000.tar").read_bytes()
@@ -77,7 +78,7 @@ def test_build_is_byte_identical_and_accounts_for_every_line(tmp_path, tiny_code
 def test_over_long_audio_is_rejected_not_truncated(tmp_path, tiny_codec):
     manifest = write_manifest(tmp_path / "in", demo_lines({"alice_001", "bob_002"}))
     summary = build_shards(
-        [str(manifest)], str(tmp_path / "out"), "tiny", BuildConfig(max_seconds=2.33), progress=False
+        [str(manifest)], str(tmp_path / "out"), tiny_codec, BuildConfig(max_seconds=2.33), progress=False
     )
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert summary["accepted"] == 1 and summary["rejected"] == 1
@@ -166,18 +167,18 @@ def test_resume_continues_after_the_last_complete_shard(tmp_path, tiny_codec):
     lines.insert(4, "{bad json")
     manifest = write_manifest(tmp_path / "in", lines)
     cfg = BuildConfig(shard_samples=2)
-    build_shards([str(manifest)], str(tmp_path / "whole"), "tiny", cfg, progress=False)
+    build_shards([str(manifest)], str(tmp_path / "whole"), tiny_codec, cfg, progress=False)
 
     interrupted = tmp_path / "interrupted"
     with pytest.raises(BuildError, match="invalid JSON"):  # stops at line 5, after two complete shards
         build_shards(
-            [str(manifest)], str(interrupted), "tiny", BuildConfig(shard_samples=2, fast_fail=True), progress=False
+            [str(manifest)], str(interrupted), tiny_codec, BuildConfig(shard_samples=2, fast_fail=True), progress=False
         )
     assert sorted(p.name for p in interrupted.glob("shard-*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     with pytest.raises(BuildError, match="--resume"):
-        build_shards([str(manifest)], str(interrupted), "tiny", cfg, progress=False)
+        build_shards([str(manifest)], str(interrupted), tiny_codec, cfg, progress=False)
     summary = build_shards(
-        [str(manifest)], str(interrupted), "tiny", BuildConfig(shard_samples=2, resume=True), progress=False
+        [str(manifest)], str(interrupted), tiny_codec, BuildConfig(shard_samples=2, resume=True), progress=False
     )
     assert summary["accepted"] == 6 and summary["rejected"] == 1
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "rejects.jsonl"):
