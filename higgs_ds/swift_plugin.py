@@ -23,6 +23,7 @@ arguments (see `cli_data_config`); any other dataset goes through SWIFT's own lo
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -44,8 +45,16 @@ from higgs_ds.checkpoint import latest_complete, read_data_state, stop_files, wr
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import DataConfig, EpochDataLoader, ShardStream
 from higgs_ds.errors import UserError
-from higgs_ds.loss import LossConfig, higgs_loss
-from higgs_ds.model_patches import patch_for_training
+from higgs_ds.evaluation import AudioSamples, EvalConfig, eval_data_config
+from higgs_ds.loss import LossConfig, higgs_loss, target_counts
+from higgs_ds.model_patches import (
+    AUDIO_FFN_LINEARS,
+    AUDIO_HEAD_AND_EMBEDDINGS,
+    AUDIO_NORMS,
+    AUDIO_PARAMETERS,
+    check_audio_side,
+    patch_for_training,
+)
 from higgs_ds.shard_reader import load_index
 from higgs_ds.shard_writer import INDEX_NAME
 
@@ -56,12 +65,15 @@ MODEL_TYPE = TEMPLATE_TYPE = "higgs_audio"
 class HiggsAudioLoader(ModelLoader):
     default_trust_remote_code = False  # boson's classes are imported, never fetched from a model repo
     activation_checkpointing = False  # set from the run config (TrainConfig.activation_checkpointing)
+    train_modules = "all"  # TrainConfig.train_modules; the freezing itself is SWIFT's (see _tuner_args)
 
     def get_model(self, model_dir, config, processor, model_kwargs):
         from transformers import AutoModel
 
         self.auto_model_cls = AutoModel
         model = super().get_model(model_dir, config, processor, model_kwargs)
+        if self.train_modules == "audio":
+            check_audio_side(model)  # before the trainer: a wrong model fails in seconds, not after setup
         # get_input_embeddings, PEFT's labels kwarg, activation checkpointing: see higgs_ds.model_patches
         patch_for_training(model, activation_checkpointing=self.activation_checkpointing)
         return model
@@ -70,12 +82,13 @@ class HiggsAudioLoader(ModelLoader):
 class HiggsAudioTemplate(Template):
     support_padding_free = False
     use_model = False
-    model_accepts_loss_kwargs = False  # the loss is a mean; HF must divide by accumulation steps
+    model_accepts_loss_kwargs = False  # HF divides by accumulation steps; the loss scales for it (higgs_ds.loss)
     loss_config = LossConfig()
+    collator_mode = "fast"  # DataConfig.collator
 
     def _collator(self):
         if getattr(self, "_batch_collator", None) is None:
-            self._batch_collator = BatchCollator(self.config)
+            self._batch_collator = BatchCollator(self.config, self.collator_mode)
         return self._batch_collator
 
     def data_collator(self, batch, *, padding_to=None):
@@ -83,8 +96,25 @@ class HiggsAudioTemplate(Template):
 
     def compute_sft_loss(self, model, inputs, num_items_in_batch=None, trainer=None):
         outputs = model(**model_inputs(inputs))
+        counts, scale = None, 1.0
+        if trainer is not None and model.training and getattr(trainer, "step_target_counts", None) is not None:
+            # token-mean over the whole optimizer step (see higgs_ds.loss); check the up-front text count
+            counts = trainer.step_target_counts
+            scale = trainer.args.gradient_accumulation_steps * trainer.args.world_size
+            expected = target_counts(inputs["label_ids"], inputs["label_audio_ids"], self.config.audio_num_codebooks)
+            actual = int((outputs.expanded_labels[:, 1:] != -100).sum())
+            if actual != int(expected[0]):
+                raise RuntimeError(
+                    f"text targets: {actual} in the expanded labels, {int(expected[0])} counted up front"
+                )
         loss, metrics = higgs_loss(
-            outputs.logits, outputs.expanded_labels, outputs.audio_logits, inputs["label_audio_ids"], self.loss_config
+            outputs.logits,
+            outputs.expanded_labels,
+            outputs.audio_logits,
+            inputs["label_audio_ids"],
+            self.loss_config,
+            global_counts=counts,
+            scale=scale,
         )
         if trainer is not None:
             mode = "train" if model.training else "eval"
@@ -142,6 +172,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
     higgs-ds' callbacks (throughput metrics, the dense log line, stop requests)."""
 
     sample_log: str | None = None  # path for per-rank sample-id logs (TrainConfig.log_sample_ids)
+    audio_samples: AudioSamples | None = None  # eval.generate: prompts generated at each evaluation
     peak_tflops: float = 0.0  # TrainConfig.peak_tflops; 0: $HIGGS_DS_PEAK_TFLOPS, else known GPUs
 
     def __init__(self, *args, **kwargs):
@@ -166,6 +197,46 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             )
         self._higgs_loader = EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
         return self._higgs_loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        stream = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not isinstance(stream, ShardStream):
+            return super().get_eval_dataloader(eval_dataset)
+        stream.epoch, stream.start_batch = 0, 0  # every evaluation reads the same batches in the same order
+        return EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.audio_samples is not None:  # every rank generates (ZeRO-3 lockstep); rank 0 writes
+            writer = next((cb.tb_writer for cb in self.callback_handler.callbacks if hasattr(cb, "tb_writer")), None)
+            was_training = self.model.training
+            self.audio_samples.run(
+                self.model,
+                self.template.tokenizer,
+                self.state.global_step,
+                writer=writer,
+                is_main=self.args.process_index == 0,
+            )
+            self.model.train(was_training)
+        return metrics
+
+    def get_batch_samples(self, epoch_iterator, num_batches):
+        """HF fetches an optimizer step's micro-batches up front; count their loss targets here, summed
+        over the ranks, so every micro-batch's loss is normalised by the step's global target count."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches)
+        if not batches:  # HF's extra fetch at an epoch's end; empty on every rank alike (equal batches)
+            return batches, None
+        num_codebooks = self.model.config.audio_num_codebooks
+        counts = torch.zeros(1 + num_codebooks, dtype=torch.float64)
+        for batch in batches:
+            counts += target_counts(batch["label_ids"], batch["label_audio_ids"], num_codebooks)
+        if torch.distributed.is_initialized() and self.args.world_size > 1:  # every rank runs the same steps
+            counts = counts.to(self.args.device)
+            torch.distributed.all_reduce(counts)
+        self.step_target_counts = counts.cpu()
+        # text + per-codebook audio targets of the whole step (all ranks): what the loss is a mean over
+        self.custom_metrics["train"]["target_tokens"].update(counts.sum().cpu())
+        return batches, None
 
     def train(self, *args, **kwargs):
         stop_file = Path(self.args.output_dir) / "STOP"
@@ -255,10 +326,20 @@ class HiggsSft(SwiftSft):
 
     def __init__(self, args, run_cfg):
         self.run_cfg = run_cfg
+        HiggsAudioTemplate.collator_mode = run_cfg.data.collator
         super().__init__(args)
 
     def _prepare_dataset(self):
-        return [open_shard_stream(self.run_cfg.data, self.model.config, self.template.tokenizer), None]
+        cfg, model_config, tokenizer = self.run_cfg, self.model.config, self.template.tokenizer
+        train = open_shard_stream(cfg.data, model_config, tokenizer)
+        val = (
+            open_shard_stream(eval_data_config(cfg.eval, cfg.data), model_config, tokenizer)
+            if cfg.eval.shards
+            else None
+        )
+        if cfg.eval.generate:
+            HiggsAudioTrainer.audio_samples = AudioSamples(cfg.eval, cfg.output_dir)
+        return [train, val]
 
     def _get_resume_checkpoint(self, trainer):
         explicit = super()._get_resume_checkpoint(trainer)
@@ -284,7 +365,7 @@ class HiggsSft(SwiftSft):
 def cli_shard_dirs(args) -> list[str] | None:
     """The shard directories named by SWIFT's --dataset, or None when SWIFT's own loading applies.
     Raises UserError for what cannot be trained: a folder without index.json given to the higgs_audio
-    template, shard directories mixed with other datasets, evaluation data (not supported yet)."""
+    template, shard directories mixed with other datasets, a split of a stream."""
     entries = [str(e) for e in (args.dataset or [])]
     dirs = [e for e in entries if os.path.isdir(e)]
     indexed = [d for d in dirs if Path(d, INDEX_NAME).is_file()]
@@ -301,10 +382,22 @@ def cli_shard_dirs(args) -> list[str] | None:
             f"--dataset {missing[0]} has no {INDEX_NAME}: it is not a shard directory; build one with "
             "`higgs-ds shards build MANIFEST --out DIR --codec CODEC`"
         )
-    if args.val_dataset or args.split_dataset_ratio:
+    if args.split_dataset_ratio:
         raise UserError(
-            "evaluation data is not supported with shard directories: drop --val_dataset / --split_dataset_ratio"
+            "--split_dataset_ratio cannot split a shard stream: build validation shards and pass them as "
+            "--val_dataset DIR (and --split_dataset_ratio 0)"
         )
+    return dirs
+
+
+def cli_val_dirs(args) -> list[str]:
+    """Validation shard directories named by --val_dataset (each with an index.json)."""
+    dirs = [str(e) for e in (args.val_dataset or [])]
+    for d in dirs:
+        if not Path(d, INDEX_NAME).is_file():
+            raise UserError(
+                f"--val_dataset {d} is not a shard directory (no {INDEX_NAME}); build it with `higgs-ds shards build`"
+            )
     return dirs
 
 
@@ -351,7 +444,7 @@ def _install_cli_hooks() -> None:
             from transformers import AutoConfig  # boson's config class, registered on import above
 
             config = AutoConfig.from_pretrained(self.args.model_info.model_dir)
-            for d in shards:
+            for d in [*shards, *cli_val_dirs(self.args)]:
                 check_codec_matches(load_index(d), config, d)
         return swift_prepare_model_tokenizer(self, **kwargs)
 
@@ -368,7 +461,11 @@ def _install_cli_hooks() -> None:
             logger.info("setting ignore_data_skip: true (the data position is restored from the checkpoint)")
         data = cli_data_config(self.args, shards)
         logger.info(f"higgs-ds data from SWIFT's arguments: {data}")
-        return [open_shard_stream(data, self.model.config, self.template.tokenizer), None]
+        val = None
+        if cli_val_dirs(self.args):
+            eval_cfg = EvalConfig(shards=cli_val_dirs(self.args), batch_size=self.args.per_device_eval_batch_size)
+            val = open_shard_stream(eval_data_config(eval_cfg, data), self.model.config, self.template.tokenizer)
+        return [open_shard_stream(data, self.model.config, self.template.tokenizer), val]
 
     SwiftSft._prepare_model_tokenizer = _prepare_model_tokenizer
     SwiftSft._prepare_dataset = _prepare_dataset
@@ -464,6 +561,25 @@ def _dtype(cfg) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def _tuner_args(cfg) -> dict:
+    """SWIFT's tuner arguments for cfg.tuner and cfg.train_modules (see TrainConfig.train_modules)."""
+    if cfg.tuner == "lora" and cfg.train_modules == "audio":
+        return {
+            "lora_rank": cfg.lora_rank,
+            "target_regex": rf"(.*\.)?{AUDIO_FFN_LINEARS}",  # PEFT full-matches module names
+            # trained in full beside the adapters; PEFT matches these as module-name suffixes, which
+            # text_lm_head, input_layernorm and post_attention_layernorm do not end with
+            "modules_to_save": [*AUDIO_HEAD_AND_EMBEDDINGS, *AUDIO_NORMS],
+        }
+    if cfg.tuner == "lora":  # SWIFT's all-linear: every nn.Linear but the heads (*lm_head)
+        return {"lora_rank": cfg.lora_rank, "target_modules": "all-linear"}
+    if cfg.train_modules == "audio":
+        # SWIFT's own freezing, applied to the loaded model before DeepSpeed is initialised: frozen
+        # parameters get no optimizer state, and checkpoints still hold every weight.
+        return {"freeze_parameters_ratio": 1, "trainable_parameters_regex": AUDIO_PARAMETERS}
+    return {}
+
+
 def swift_argv(cfg) -> list[str]:
     dtype = _dtype(cfg)
     args = {
@@ -499,6 +615,15 @@ def swift_argv(cfg) -> list[str]:
         "save_only_model": "false",
         "ignore_data_skip": "true",  # the data position is restored from the checkpoint, not re-read
     }
+    args.update(_tuner_args(cfg))
+    if cfg.eval.shards:  # SWIFT evaluates only with a val_dataset; never loaded: HiggsSft injects the stream
+        args.update(
+            val_dataset=cfg.eval.shards[0],
+            eval_strategy="steps",
+            eval_steps=cfg.eval.steps,
+            per_device_eval_batch_size=cfg.eval.batch_size or cfg.data.batch_size,
+            prediction_loss_only="true",  # the loss and metrics only; no logits gathered across ranks
+        )
     if cfg.deepspeed:
         args["deepspeed"] = cfg.deepspeed
     if not torch.cuda.is_available():
@@ -509,16 +634,21 @@ def swift_argv(cfg) -> list[str]:
     args.update(cfg.swift)
     argv = []
     for key, value in args.items():
-        argv += [f"--{key}", str(value)]
+        argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
     return argv
 
 
 def run_training(cfg) -> dict:
     HiggsAudioTemplate.loss_config = cfg.loss
     HiggsAudioLoader.activation_checkpointing = cfg.activation_checkpointing
+    HiggsAudioLoader.train_modules = cfg.train_modules
     HiggsAudioTrainer.peak_tflops = cfg.peak_tflops
     HiggsAudioTrainer.sample_log = (
         os.path.join(cfg.output_dir, "samples_rank{rank}.jsonl") if cfg.log_sample_ids else None
     )
     configure_cpu_ranks(bool(cfg.deepspeed))
+    if int(os.environ.get("RANK", "0")) == 0:
+        # HF's trainer states the run's size on INFO, under the warning level SWIFT leaves it at; among
+        # it "Number of trainable parameters = N", counted at full size under ZeRO-3 (what train_modules left).
+        logging.getLogger("transformers.trainer").setLevel(logging.INFO)
     return HiggsSft(swift_argv(cfg), cfg).main()

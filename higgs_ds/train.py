@@ -16,6 +16,7 @@ from pathlib import Path
 
 from higgs_ds.config import ConfigError, describe, load_config, to_dict
 from higgs_ds.dataloader import DataConfig
+from higgs_ds.evaluation import EvalConfig
 from higgs_ds.loss import LossConfig
 
 
@@ -28,7 +29,16 @@ class TrainConfig:
     deepspeed: str = "ds_configs/zero3.json"
     """DeepSpeed config file ("" for none)."""
     tuner: str = "full"
-    """full: train every parameter; lora: LoRA adapters (ms-swift's tuner_type)."""
+    """full: train the weights themselves; lora: LoRA adapters, rank lora_rank (ms-swift's tuner_type)."""
+    train_modules: str = "all"
+    """Which part of the model trains. all: everything (lora: adapters on every linear layer but the heads).
+    audio: only the audio side, the rest frozen: each layer's audio FFN (audio_mlp) and audio norms
+    (audio_input_layernorm, audio_post_attention_layernorm), the audio head (audio_decoder_proj.audio_lm_head)
+    and the codebook embeddings (audio_codebook_embeddings); attention, text FFNs and norms, embed_tokens,
+    text_lm_head and the final norm keep their weights. With lora, adapters go on the audio FFN projections
+    only and the audio head, embeddings and norms train in full (saved with the adapters)."""
+    lora_rank: int = 8
+    """LoRA rank (tuner = "lora")."""
     max_steps: int = 1000
     """Optimizer steps to run."""
     learning_rate: float = 1e-4
@@ -66,6 +76,7 @@ class TrainConfig:
     """After training, save the model's logits on one fixed batch to output_dir/probe.pt (export checks)."""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     swift: dict = field(default_factory=dict)
     """Any other ms-swift / transformers training argument, passed through as --key value."""
 
@@ -95,11 +106,14 @@ def resolve_config(path: str | None, overrides: list[str]) -> TrainConfig:
         )
     if not cfg.data.shards:
         raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
-    for d in cfg.data.shards:
+    cfg.eval.check()
+    for d in [*cfg.data.shards, *cfg.eval.shards]:
         if not Path(d, "index.json").is_file():
             raise ConfigError(f"shard directory {d} has no index.json; build it with `higgs-ds shards build`")
     if cfg.tuner not in ("full", "lora"):
         raise ConfigError(f"tuner must be 'full' or 'lora', got {cfg.tuner!r}")
+    if cfg.train_modules not in ("all", "audio"):
+        raise ConfigError(f"train_modules must be 'all' or 'audio', got {cfg.train_modules!r}")
     return cfg
 
 

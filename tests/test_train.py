@@ -1,7 +1,9 @@
 """Stages: config, the SWIFT integration (loss through the template), and a real 2-rank ZeRO-3 run
 through launch/torchrun.sh -> export -> reload in a fresh process."""
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from higgs_ds.collate import model_inputs
 from higgs_ds.config import ConfigError, load_config
+from higgs_ds.dataloader import DataConfig
 from higgs_ds.train import TrainConfig
 from higgs_ds.train import main as train_main
 
@@ -36,9 +39,12 @@ def test_config_precedence_and_unknown_keys(tmp_path):
         load_config(TrainConfig, None, ["--max_steps", "many"])
 
 
-def test_train_refuses_bad_setups_with_a_message(tmp_path, tiny_model_dir, capsys):
+def test_train_refuses_bad_setups_with_a_message(tmp_path, tiny_model_dir, small_shards, capsys):
     assert train_main(["--model", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err
+    good = ["--model", str(tiny_model_dir), "--data.shards", str(small_shards)]
+    assert train_main([*good, "--train_modules", "text"]) == 2
+    assert "train_modules must be 'all' or 'audio', got 'text'" in capsys.readouterr().err
     assert train_main(["--model", str(tiny_model_dir), "--data.shards", str(tmp_path)]) == 2
     assert "has no index.json" in capsys.readouterr().err
     remote = tmp_path / "remote"
@@ -74,12 +80,99 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     torch.testing.assert_close(outputs["loss"], text + audio)
 
 
+def _swift_args(cfg) -> dict:
+    """swift_argv(cfg) as {key: value, or a list for a flag given several values}."""
+    from higgs_ds.swift_plugin import swift_argv
+
+    args, key = {}, None
+    for item in swift_argv(cfg):
+        if item.startswith("--"):
+            key = item[2:]
+            args[key] = []
+        else:
+            args[key].append(item)
+    return {k: v[0] if len(v) == 1 else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_default_config_gives_the_expected_swift_arguments(monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    cfg = TrainConfig(model="m", output_dir="runs/x", data=DataConfig(shards=["s"]))
+    args = _swift_args(cfg)
+    assert (args["report_to"], args["logging_dir"]) == ("tensorboard", os.path.join("runs/x", "logs"))
+    assert (args["save_steps"], args["logging_steps"]) == ("500", "10")
+    dtype = ("bfloat16", "true") if gpu else ("float32", "false")
+    assert (args["torch_dtype"], args["bf16"], args["fp16"]) == (*dtype, "false")
+    assert args["tuner_type"] == "full"
+    assert not [k for k in args if k.startswith(("lora_", "target_", "freeze_", "trainable_", "modules_to_save"))]
+    lora = _swift_args(dataclasses.replace(cfg, tuner="lora"))
+    assert (lora["tuner_type"], lora["lora_rank"], lora["target_modules"]) == ("lora", "8", "all-linear")
+
+
+# The audio side of HiggsAudioModel, spelled out here independently of higgs_ds.model_patches
+AUDIO_SIDE = ("audio_mlp.", "audio_input_layernorm.", "audio_post_attention_layernorm.", "audio_lm_head.")
+
+
+def _audio_side(name: str) -> bool:
+    return any(f".{part}" in name for part in AUDIO_SIDE) or name.startswith("audio_codebook_embeddings.")
+
+
+def test_audio_config_freezes_all_but_the_audio_side_with_swift_and_peft(tiny_model_dir):
+    """What SWIFT and PEFT do with the preset's arguments, applied with their own functions to the tiny model."""
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+    from peft import LoraConfig, get_peft_model
+    from swift.utils import activate_parameters, freeze_parameters
+
+    cfg = TrainConfig(model="m", data=DataConfig(shards=["s"]), train_modules="audio")
+    model = HiggsAudioModel.from_pretrained(tiny_model_dir)
+    audio = {n for n, _ in model.named_parameters() if _audio_side(n)}
+    assert len(audio) == 5 * len(model.layers) + 2  # 3 FFN + 2 norms per layer, head, embeddings
+
+    args = _swift_args(cfg)
+    freeze_parameters(model, float(args["freeze_parameters_ratio"]), [], None)
+    activate_parameters(model, [], args["trainable_parameters_regex"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == audio
+
+    lora = _swift_args(dataclasses.replace(cfg, tuner="lora"))
+    peft = get_peft_model(
+        model, LoraConfig(r=8, target_modules=lora["target_regex"], modules_to_save=lora["modules_to_save"])
+    )
+    trainable = {n.removeprefix("base_model.model.") for n, p in peft.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_")[0] for n in trainable if ".lora_" in n}
+    assert adapted == {n.removesuffix(".weight") for n in audio if ".audio_mlp." in n}
+    saved = {n.replace(".modules_to_save.default", "") for n in trainable if ".lora_" not in n}
+    assert saved == {n for n in audio if ".audio_mlp." not in n}
+
+
 def _env():
     return train_env(29500 + os.getpid() % 1000)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def _epoch_targets(shards, model_dir) -> int:
+    """Loss targets in one pass over the shards, from the stored JSON alone: text labels after the first
+    position except the <|AUDIO_OUT|> placeholders, and K x (frames + EOS) per trained audio-out item."""
+    from transformers import AutoConfig
+
+    from higgs_ds.shard_reader import read_shard
+
+    config = AutoConfig.from_pretrained(model_dir)
+    total = 0
+    for shard in sorted(shards.glob("shard-*.tar")):
+        for _, record in read_shard(str(shard)):
+            meta = record["json"]
+            ids, labels = meta["input_ids"], meta["label_ids"]
+            total += sum(1 for t, y in zip(ids[1:], labels[1:]) if y != -100 and t != config.audio_out_token_idx)
+            audio_tokens = [
+                (t, y) for t, y in zip(ids, labels) if t in (config.audio_in_token_idx, config.audio_out_token_idx)
+            ]
+            for (t, y), item in zip(audio_tokens, meta["audio"]):
+                if t == config.audio_out_token_idx and y != -100:
+                    total += config.audio_num_codebooks * (item["frames"] + 1)
+    return total
+
+
 def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shards, tiny_model_dir):
     out = tmp_path / "train"
     log = torchrun_train(
@@ -105,6 +198,8 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
     assert last["audio_loss"] < 0.6 * first["audio_loss"], (first, last)  # 8 samples: it overfits
     assert last["text_loss"] < 0.5 * first["text_loss"]
     assert all(f"audio_acc_cb{k}" in last for k in range(8))
+    # the loss is a mean over each step's targets on both ranks; 30 steps of 4 samples = 15 epochs of 8
+    assert sum(h["target_tokens"] for h in history) == 15 * _epoch_targets(small_shards, tiny_model_dir)
     assert last["tokens_per_s"] > 0 and last["memory_gb"] > 0 and "mfu" not in last  # no known peak on CPU
     # 8 samples of 1.9-3 s target audio, 2 per micro-batch and rank: between 4 and 12 s of audio per step
     seconds_per_token = last["audio_hours_per_s"] * 3600 / last["tokens_per_s"]
@@ -272,3 +367,45 @@ def test_train_local_goes_from_a_manifest_to_an_exported_model(tmp_path, small_m
     assert json.loads((tmp_path / "run" / "shards" / "index.json").read_text())["num_samples"] == 8
     assert (tmp_path / "run" / "train" / "checkpoint-3" / "trainer_state.json").is_file()
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tuner", ["full", "lora"])
+def test_two_rank_zero3_audio_only_training_leaves_the_text_side_bit_identical(
+    tmp_path, small_shards, tiny_model_dir, tuner
+):
+    from safetensors.torch import load_file
+
+    out = tmp_path / tuner
+    log = torchrun_train(
+        out,
+        tiny_model_dir,
+        small_shards,
+        *("--max_steps", "4", "--save_steps", "4", "--data.batch_size", "2", "--save_probe", "false"),
+        *("--train_modules", "audio", "--tuner", tuner, "--learning_rate", "1e-2"),
+        port=30500 + os.getpid() % 1000 + (5 if tuner == "lora" else 0),
+    )
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    audio = {n for n in initial if _audio_side(n)}
+    full_size = sum(initial[n].numel() for n in audio if tuner == "full" or ".audio_mlp." not in n)
+    lora_size = 0 if tuner == "full" else sum(8 * sum(initial[n].shape) for n in audio if ".audio_mlp." in n)
+    assert f"Number of trainable parameters = {full_size + lora_size:,}" in log  # HF's count, ZeRO-3 sizes
+    if tuner == "full":  # DeepSpeed holds fp32 master weights (and Adam state) for the audio side only
+        ckpt = out / "checkpoint-4" / "global_step4"
+        flat = [
+            torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+            for r in (0, 1)
+        ]
+        held = sum(g.numel() for f in flat for g in f["optimizer_state_dict"]["fp32_flat_groups"])
+        assert held == sum(2 * math.ceil(initial[n].numel() / 2) for n in audio)  # each split over 2 ranks
+
+    cmd = [sys.executable, "-m", "higgs_ds.cli", "export", str(out), "--out", str(tmp_path / "export")]
+    subprocess.run(cmd + (["--merge-lora"] if tuner == "lora" else []), check=True, env=_env(), capture_output=True)
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert set(exported) == set(initial)
+    assert [n for n in initial if n not in audio and not torch.equal(exported[n], initial[n])] == []
+    assert [n for n in audio if torch.equal(exported[n], initial[n])] == []  # every audio-side weight trained
+    assert {"layers.0.mlp.gate_proj.weight", "embed_tokens.weight", "audio_decoder_proj.text_lm_head.weight"} <= (
+        set(initial) - audio
+    )
