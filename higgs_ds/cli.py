@@ -233,6 +233,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the run config's own parser (argparse's REMAINDER drops a leading --help)
+        from higgs_ds.train import main as train_main
+
+        return train_main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -24,7 +24,7 @@ import torch
 IGNORE = -100
 
 
-def make_collator(model_config):
+def make_collator(model_config, round_to: int = 8):
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
 
     if model_config.encode_whisper_embed:
@@ -39,7 +39,7 @@ def make_collator(model_config):
         pad_token_id=model_config.pad_token_id,
         audio_stream_bos_id=model_config.audio_stream_bos_id,
         audio_stream_eos_id=model_config.audio_stream_eos_id,
-        round_to=8,
+        round_to=round_to,
         pad_left=False,
         encode_whisper_embed=False,
         return_audio_in_tokens=model_config.encode_audio_in_tokens,

@@ -22,7 +22,14 @@ import torch
 
 from higgs_ds.collate import BatchCollator
 from higgs_ds.encoding import SampleEncoder, tokenizer_fingerprint
-from higgs_ds.epoch_plan import BatchingConfig, PlanError, batches_for_worker, plan_epoch
+from higgs_ds.epoch_plan import (
+    BatchingConfig,
+    PlanError,
+    batches_for_worker,
+    check_clone_fraction,
+    check_weights,
+    plan_epoch,
+)
 from higgs_ds.shard_reader import load_index, read_positions, shard_refs
 
 log = logging.getLogger(__name__)
@@ -48,9 +55,29 @@ class DataConfig:
     collator: str = "fast"
     """"fast" (vectorised, checked against boson's on the first batch of each worker) or "boson"
     (boson's HiggsAudioSampleCollator itself)."""
+    weights: list[float] | None = None
+    """Mixing weight of each shard directory, in the order of `shards`: how many times its samples are
+    seen per epoch (1 = once each; 2 = twice; 0.5 = a half, chosen anew each epoch from seed and epoch;
+    0 = left out). None: every directory once. Repeated and left-out samples are counted in the log."""
+    clone_references: float = 0.0
+    """Fraction (0-1) of plain single-speaker TTS samples trained as voice cloning: another sample of the
+    same speaker from the same directory is put before it as reference (user text + assistant audio,
+    start_index 3: only the target is trained), chosen from (seed, epoch). Needs shards built by this
+    version (speakers in the index); with max_tokens, also --tokenizer."""
+
+    def __post_init__(self):
+        if self.weights is not None:
+            check_weights(self.weights, len(self.shards))
+        check_clone_fraction(self.clone_references)
 
     def batching(self) -> BatchingConfig:
-        return BatchingConfig(batch_size=self.batch_size, max_tokens=self.max_tokens, max_length=self.max_length)
+        return BatchingConfig(
+            batch_size=self.batch_size,
+            max_tokens=self.max_tokens,
+            max_length=self.max_length,
+            weights=tuple(float(w) for w in self.weights) if self.weights is not None else None,
+            clone_references=float(self.clone_references),
+        )
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -65,16 +92,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         stored = all(load_index(d)["build"].get("tokenizer_fingerprint") == mine for d in cfg.shards)
         self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
         self.epoch, self.start_batch = 0, 0
+        self._plan = None  # (epoch, plan): the plan is asked for by num_batches, state_dict and every worker
 
     def plan(self):
-        return plan_epoch(
-            self.refs,
-            self.cfg.batching(),
-            seed=self.cfg.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        if self._plan is None or self._plan[0] != self.epoch:
+            plan = plan_epoch(
+                self.refs,
+                self.cfg.batching(),
+                seed=self.cfg.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            self._plan = (self.epoch, plan)
+        return self._plan[1]
 
     def num_batches(self) -> int:
         """Micro-batches this rank (and every rank) yields per epoch."""
@@ -103,8 +134,44 @@ class ShardStream(torch.utils.data.IterableDataset):
                 plan.num_dropped,
                 plan.num_split,
             )
+            for m in plan.mix:
+                log.info(
+                    "epoch %d: %s (weight %g): %d samples, %d drawn, %d repeated, %d left out",
+                    self.epoch,
+                    self.cfg.shards[m["set"]],
+                    m["weight"],
+                    m["samples"],
+                    m["drawn"],
+                    m["repeated"],
+                    m["left_out"],
+                )
+            if plan.clone:
+                c = plan.clone
+                log.info(
+                    "epoch %d: cloning references: %d of %d plain TTS samples drawn, %d cloned, %d stay plain "
+                    "(their speaker has no other sample), %d stay plain (too long with a reference)",
+                    self.epoch,
+                    c["drawn"],
+                    c["eligible"],
+                    c["cloned"],
+                    c["lonely"],
+                    c["too_long"],
+                )
         for batch in mine:
-            yield [self.encode(record) for record in read_positions(self.refs, batch)]
+            if plan.references:
+                yield self._with_references(batch, plan.references)
+            else:
+                yield [self.encode(record) for record in read_positions(self.refs, batch)]
+
+    def _with_references(self, batch, references: dict) -> list:
+        """The batch's samples, those with a reference (decided by the plan) assembled for cloning."""
+        extra = [references[p] for p in batch if p in references]
+        records = list(read_positions(self.refs, list(batch) + extra))
+        ref_records = iter(records[len(batch) :])
+        return [
+            self.encode.with_reference(record, next(ref_records)) if pos in references else self.encode(record)
+            for pos, record in zip(batch, records)
+        ]
 
 
 class EpochDataLoader(torch.utils.data.DataLoader):
@@ -147,6 +214,8 @@ class EpochDataLoader(torch.utils.data.DataLoader):
             "seed": self.dataset.cfg.seed,
             "world_size": self.dataset.world_size,
             "rank": self.dataset.rank,
+            "weights": None if self.dataset.cfg.weights is None else list(self.dataset.cfg.weights),
+            "clone_references": self.dataset.cfg.clone_references,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -155,6 +224,14 @@ class EpochDataLoader(torch.utils.data.DataLoader):
                 f"the saved data position is for world size {state['world_size']} and seed "
                 f"{state['seed']}; this run has {self.dataset.world_size} and {self.dataset.cfg.seed}: "
                 "resume with the same number of ranks and data.seed"
+            )
+        cfg = self.dataset.cfg
+        saved = (state.get("weights"), state.get("clone_references", 0.0))  # absent in older states: defaults
+        if saved != (None if cfg.weights is None else list(cfg.weights), cfg.clone_references):
+            raise PlanError(
+                f"the saved data position is for data.weights {saved[0]} and data.clone_references {saved[1]}; "
+                f"this run has {cfg.weights} and {cfg.clone_references}: they change the epoch's batches, "
+                "resume with the saved values (or start a new output_dir)"
             )
         self.seek(state["epoch"], state["batches_done"])
 

@@ -48,6 +48,55 @@ def chatml_tokens(chatml: dict, tokenizer, sample_id=None) -> tuple[list[int], l
     return input_ids, label_ids, len(audio_contents)
 
 
+def speaker_of(chatml: dict) -> str | None:
+    """The sample's speaker where prepare_chatml_sample looks for it: "speaker", else misc["speaker"]."""
+    speaker = chatml.get("speaker")
+    if speaker is None:
+        speaker = (chatml.get("misc") or {}).get("speaker")
+    return speaker if isinstance(speaker, str) and speaker else None
+
+
+def plain_tts(chatml: dict) -> bool:
+    """A plain single-speaker TTS sample, usable as a cloning target or reference: [system text, user
+    text, assistant audio], a speaker, every turn trained as is (no start_index), no recipient, and no
+    [SPEAKERn] dialogue tags."""
+    messages = chatml.get("messages") or []
+    if [m.get("role") for m in messages] != ["system", "user", "assistant"] or chatml.get("start_index"):
+        return False
+    system, user, assistant = (m.get("content") for m in messages)
+    return (
+        speaker_of(chatml) is not None
+        and isinstance(system, str)
+        and isinstance(user, str)
+        and "[SPEAKER" not in system + user
+        and isinstance(assistant, dict)
+        and assistant.get("type") == "audio"
+        and not any(m.get("recipient") for m in messages)
+    )
+
+
+def clone_parts(input_ids: list[int], frames: list[int], header_id: int) -> list[int] | None:
+    """[head, pair] of a plain TTS sample's tokens: the system turn's positions, and the user + assistant
+    turns' expanded positions (text + frames + 8), unrounded; their sum rounded up to 8 is its
+    expanded_length, and head + pair + another sample's pair is the length with that sample as reference.
+    None when the tokens do not split into exactly three turns (a header token typed inside the text)."""
+    starts = [k for k, t in enumerate(input_ids) if t == header_id]
+    if len(starts) != 3:
+        return None
+    return [starts[1], len(input_ids) - starts[1] + sum(t + 8 for t in frames)]
+
+
+def clone_chatml(target: dict, reference: dict) -> dict:
+    """The voice-cloning sample: the target's system turn, the reference's user text and assistant audio,
+    then the target's user text and assistant audio; start_index 3 trains only the target's turn."""
+    system, user, assistant = target["messages"]
+    _, ref_user, ref_assistant = reference["messages"]
+    out = {"messages": [system, ref_user, ref_assistant, user, assistant], "start_index": 3}
+    if speaker_of(target):
+        out["speaker"] = speaker_of(target)
+    return out
+
+
 class EncodedSample:
     """One training sample as plain arrays: token ids, labels, and the (K, sum T_i) codes of its audio
     items in order. `to_chatml()` gives boson's ChatMLDatasetSample for boson's own collator."""
@@ -83,6 +132,31 @@ class SampleEncoder:
     def __init__(self, tokenizer, stored_tokens: bool = False):
         self.tokenizer = tokenizer
         self.stored_tokens = stored_tokens
+        self._header = None
+
+    def with_reference(self, record: dict, ref_record: dict) -> EncodedSample:
+        """The cloning sample of clone_chatml(target, reference), with the token ids prepare_chatml_sample
+        gives it: each turn's tokens depend only on that turn (its role, its text, whether it is first,
+        whether an assistant turn follows, whether it is trained), so they are composed from the two
+        samples' own tokens; labels of the reference's turns become -100 (start_index 3). The reference's
+        codes come first, in the order of its audio in the messages."""
+        if self._header is None:
+            self._header = self.tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+        target, ref = self(record), self(ref_record)
+        t = np.flatnonzero(target.input_ids == self._header)
+        r = np.flatnonzero(ref.input_ids == self._header)
+        sample_id = f"{target.sample_id} ref={ref.sample_id}"
+        if len(t) != 3 or len(r) != 3:  # a header token inside the text: boson's own tokenization
+            meta = clone_chatml(record["json"], ref_record["json"])
+            input_ids, label_ids, _ = chatml_tokens(meta, self.tokenizer, sample_id)
+            input_ids, label_ids = np.asarray(input_ids, np.int64), np.asarray(label_ids, np.int64)
+        else:
+            cut, ref_turns = t[1], ref.input_ids[r[1] :]
+            input_ids = np.concatenate([target.input_ids[:cut], ref_turns, target.input_ids[cut:]])
+            untrained = np.full(len(ref_turns), -100, np.int64)
+            label_ids = np.concatenate([target.label_ids[:cut], untrained, target.label_ids[cut:]])
+        codes = np.concatenate([ref.codes, target.codes], axis=1)
+        return EncodedSample(sample_id, input_ids, label_ids, codes, ref.frames + target.frames)
 
     def __call__(self, record: dict) -> EncodedSample:
         meta = record["json"]

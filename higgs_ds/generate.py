@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from higgs_ds.collate import make_collator
 from higgs_ds.encoding import chatml_tokens
 
 # The serve engine's forced-audio suffix (serve_engine.py, _prepare_inputs with force_audio_gen=True).
@@ -78,23 +79,9 @@ def prepare_inputs(prompt: Prompt, model_config, device=None) -> dict:
     """The keyword arguments of `model.generate` for one prompt, made by boson's HiggsAudioSampleCollator
     as the serve engine makes them (round_to=1: no padding after `<|audio_out_bos|>`), except that
     audio-in codes are kept when the model reads them (the serve engine drops them)."""
-    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
     from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
-    c = model_config
-    collator = HiggsAudioSampleCollator(
-        whisper_processor=None,
-        encode_whisper_embed=False,
-        audio_in_token_id=c.audio_in_token_idx,
-        audio_out_token_id=c.audio_out_token_idx,
-        audio_stream_bos_id=c.audio_stream_bos_id,
-        audio_stream_eos_id=c.audio_stream_eos_id,
-        pad_token_id=c.pad_token_id,
-        return_audio_in_tokens=c.encode_audio_in_tokens,
-        use_delay_pattern=c.use_delay_pattern,
-        audio_num_codebooks=c.audio_num_codebooks,
-        round_to=1,
-    )
+    collator = make_collator(model_config, round_to=1)
     starts = np.cumsum([0] + prompt.frames[:-1]) if prompt.frames else None
     sample = ChatMLDatasetSample(
         input_ids=torch.tensor(prompt.input_ids, dtype=torch.long),

@@ -139,10 +139,13 @@ def _tokens(chatml: dict, frames: list[int], sample_id) -> dict:
     tok = _WORKER.get("tokenizer")
     if tok is None:
         return {}
-    from higgs_ds.encoding import chatml_tokens, expanded_length
+    from higgs_ds.encoding import chatml_tokens, clone_parts, expanded_length, plain_tts
 
     input_ids, label_ids, _ = chatml_tokens(chatml, tok, sample_id)
-    return {"input_ids": input_ids, "label_ids": label_ids, "expanded_length": expanded_length(len(input_ids), frames)}
+    out = {"input_ids": input_ids, "label_ids": label_ids, "expanded_length": expanded_length(len(input_ids), frames)}
+    if plain_tts(chatml):  # its turns' lengths: planning with cloning references knows a pair's length
+        out["clone_parts"] = clone_parts(input_ids, frames, tok.convert_tokens_to_ids("<|start_header_id|>"))
+    return out
 
 
 def encode_chunk(items: list, cfg: BuildConfig) -> list:

@@ -52,11 +52,21 @@ def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
 
 
 def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
+    """Every shard of every directory, in order; `dataset` is the directory's place in `shard_dirs`."""
     refs = []
-    for d in shard_dirs:
-        for s in load_index(d)["shards"]:
-            lengths = s.get("lengths")
-            refs.append(ShardRef(str(Path(d) / s["file"]), s["num_samples"], tuple(lengths) if lengths else None))
+    for d, shard_dir in enumerate(shard_dirs):
+        for s in load_index(shard_dir)["shards"]:
+            lengths, speakers, parts = s.get("lengths"), s.get("speakers"), s.get("clone_parts")
+            refs.append(
+                ShardRef(
+                    str(Path(shard_dir) / s["file"]),
+                    s["num_samples"],
+                    tuple(lengths) if lengths else None,
+                    dataset=d,
+                    speakers=tuple(speakers) if speakers is not None else None,
+                    clone_parts=tuple(tuple(p) if p else None for p in parts) if parts is not None else None,
+                )
+            )
     return refs
 
 

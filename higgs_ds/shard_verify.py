@@ -2,7 +2,8 @@
 
 verify re-hashes every shard against index.json, decodes every sample and checks its codes (uint16,
 (num_codebooks, T), every code < codebook size, T agreeing with the stored duration and frame counts);
-it returns one problem per bad shard, naming the shard and why.
+it returns one problem per bad shard, naming the shard and why. Where the index has them, it also checks
+each sample's speaker and clone_parts in the index against the sample (cloning references rely on them).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from higgs_ds.codec import sha256_file
+from higgs_ds.encoding import plain_tts, speaker_of
 from higgs_ds.shard_reader import ShardError, load_index, read_shard
 
 
@@ -29,8 +31,9 @@ def verify_shards(shard_dir: str, progress: bool = True) -> dict:
             if path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
                 raise ShardError("size or sha256 differs from index.json (the file changed after the build)")
             count = 0
-            for _, record in read_shard(str(path)):
+            for position, record in read_shard(str(path)):
                 _check_record(record, codec)
+                _check_index_entry(shard, position, record)
                 count += 1
             if count != shard["num_samples"]:
                 raise ShardError(f"holds {count} samples, index.json says {shard['num_samples']}")
@@ -56,6 +59,25 @@ def _check_record(record: dict, codec: dict) -> None:
         expected = math.ceil(round(item["seconds"] * codec["sample_rate"]) / codec["hop_length"])
         if not expected - 1 <= item["frames"] <= expected:
             raise ShardError(f"sample {sid!r}: {item['frames']} frames for {item['seconds']} s (expected {expected})")
+
+
+def _check_index_entry(shard: dict, i: int, record: dict) -> None:
+    """The index's per-sample speaker and clone_parts (when recorded) agree with the sample itself."""
+    meta, sid = record["json"], record["json"].get("id")
+    for key in ("speakers", "clone_parts", "lengths"):
+        if key in shard and len(shard[key]) != shard["num_samples"]:
+            raise ShardError(f"index.json lists {len(shard[key])} {key} for {shard['num_samples']} samples")
+    if "speakers" in shard and shard["speakers"][i] != speaker_of(meta):
+        raise ShardError(
+            f"sample {sid!r}: index.json says speaker {shard['speakers'][i]!r}, the sample {speaker_of(meta)!r}"
+        )
+    if "clone_parts" not in shard:
+        return
+    parts = shard["clone_parts"][i]
+    if parts != (meta.get("clone_parts", [None, None]) if plain_tts(meta) else None):  # as the writer records it
+        raise ShardError(f"sample {sid!r}: index.json's clone_parts {parts} do not match the sample")
+    if parts and parts[0] is not None and "lengths" in shard and -(-sum(parts) // 8) * 8 != shard["lengths"][i]:
+        raise ShardError(f"sample {sid!r}: clone_parts {parts} do not add up to its length {shard['lengths'][i]}")
 
 
 def shard_stats(shard_dir: str, plot: str | None = None) -> dict:

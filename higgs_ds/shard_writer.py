@@ -6,11 +6,14 @@ On-disk layout of a shard directory (schema 1):
                               9-digit ordinal in the build's whole input):
         KEY.json              the ChatML sample (messages with their original audio_url), its source
                               (manifest, line), speaker, "audio": [{"url", "frames", "seconds"}] in order of
-                              appearance, "target_frames", and "expanded_length" when built with --tokenizer
+                              appearance, "target_frames", and "expanded_length" (and for a plain
+                              single-speaker TTS sample "clone_parts") when built with --tokenizer
         KEY.codes.npy         uint16 (num_codebooks, sum of frames): every audio item's codes, concatenated
                               in order of appearance (numpy .npy with a plain dtype: no pickle)
     DIR/index.json            schema version, codec provenance, per-shard file/count/bytes/sha256/seconds,
-                              target-frame and expanded-length statistics, and the build summary
+                              target-frame and expanded-length statistics, per-sample "lengths" (with
+                              --tokenizer), "speakers" and "clone_parts" (see epoch_plan.ShardRef), and
+                              the build summary
     DIR/rejects.jsonl         every input line that was not written, with its reason
 
 A job-array build (--slice I/N) names its shards shard-IIII-NNNNNN.tar and writes index.slice-*.json and
@@ -29,7 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from higgs_ds.codec import sha256_file
+from higgs_ds.encoding import plain_tts, speaker_of
 
+# "speakers" and "clone_parts" were added to schema 1 as optional per-shard lists: an index written before
+# them is still read (without them, cloning references are refused with a message to rebuild)
 SCHEMA_VERSION = 1
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
@@ -76,7 +82,7 @@ class ShardWriter:
         self._file = open(self._tmp_path, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="higgs", group="higgs", mode=0o444)
         self._entry = {"file": name, "num_samples": 0, "bytes": 0, "audio_seconds": 0.0}
-        self._frames, self._expanded = [], []
+        self._frames, self._expanded, self._speakers, self._clone = [], [], [], []
 
     def _finish(self) -> None:
         self._tar.close()
@@ -88,6 +94,8 @@ class ShardWriter:
             sha256=sha256_file(final),
             audio_seconds=round(self._entry["audio_seconds"], 3),
             target_frames=_stats(self._frames),
+            speakers=self._speakers,  # per sample, for cloning references drawn from the same speaker
+            clone_parts=self._clone,
         )
         if self._expanded:  # per-sample lengths let the reader plan budget batches from the index alone
             self._entry["expanded_lengths"] = _stats(self._expanded)
@@ -111,6 +119,9 @@ class ShardWriter:
         self._frames.append(sample_json["target_frames"])
         if "expanded_length" in sample_json:
             self._expanded.append(sample_json["expanded_length"])
+        self._speakers.append(speaker_of(sample_json))
+        # None: not a plain TTS sample; [None, None]: one, but built without --tokenizer (no lengths)
+        self._clone.append(sample_json.get("clone_parts", [None, None]) if plain_tts(sample_json) else None)
         if self._entry["num_samples"] >= self.max_samples or self._entry["bytes"] >= self.max_bytes:
             self._finish()
             return True
