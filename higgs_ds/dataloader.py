@@ -188,6 +188,10 @@ class EpochDataLoader(torch.utils.data.DataLoader):
             num_workers=num_workers,
             persistent_workers=False,
             multiprocessing_context="fork" if num_workers else None,
+            # Starting an epoch's iterator draws worker seeds; from the global torch RNG that would shift
+            # the training RNG (LoRA dropout) by one draw per epoch start, and a resume mid-epoch starts one
+            # more iterator than an uninterrupted run: different dropout masks after the resume.
+            generator=torch.Generator().manual_seed(stream.cfg.seed),
         )
         self._consumed = 0
 
