@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_check_export)
 
     s = sub.add_parser("preflight", help="check shards, codec, plan, disk and memory before a run is submitted")
-    s.add_argument("config", help="the run's TOML config")
+    s.add_argument("config", help="the run's config (TOML, or YAML named .yaml)")
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides, as for train")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=8, help="training processes per node")

@@ -1,4 +1,4 @@
-"""Run configuration: a small tree of frozen dataclasses, loaded from TOML with `--key value` overrides.
+"""Run configuration: a small tree of frozen dataclasses, loaded from TOML or YAML with `--key value` overrides.
 
 Precedence is command line > file > defaults. Nested sections are addressed with dots
 (`--data.batch_size 8`). Unknown keys are an error that names them and lists the known ones. Field
@@ -121,15 +121,30 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_config(cls, path: str | None, argv: list[str]):
-    values = {}
-    if path:
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    values = _read_file(path) if path else {}
     return build(cls, merge(values, parse_overrides(argv)))
+
+
+def _read_file(path: str) -> dict:
+    """A TOML file, or YAML for a .yaml/.yml name (safe_load: plain data, no Python objects)."""
+    try:
+        text = Path(path).read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file {path} not found") from None
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings, not a {type(values).__name__}")
+        return values
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML (name the file .yaml for YAML): {err}") from None
 
 
 def to_dict(cfg) -> dict:

@@ -81,10 +81,11 @@ class TrainConfig:
     """Any other ms-swift / transformers training argument, passed through as --key value."""
 
 
-HELP = f"""usage: higgs-ds train CONFIG.toml [--key value ...]
+HELP = f"""usage: higgs-ds train CONFIG.toml|CONFIG.yaml [--key value ...]
 
 Train Higgs-Audio v2 through ms-swift with DeepSpeed. Run it under torchrun (launch/torchrun.sh).
-Settings come from CONFIG.toml, overridden by --key value (nested: --data.batch_size 8).
+Settings come from the config file (TOML, or YAML when named .yaml/.yml), overridden by --key value
+(nested: --data.batch_size 8).
 
 settings:
 {describe(TrainConfig)}

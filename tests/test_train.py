@@ -37,6 +37,15 @@ def test_config_precedence_and_unknown_keys(tmp_path):
         load_config(TrainConfig, str(path), ["--data.batchsize", "7"])
     with pytest.raises(ConfigError, match="max_steps: expected int"):
         load_config(TrainConfig, None, ["--max_steps", "many"])
+    yaml_path = tmp_path / "c.yaml"  # the same settings as YAML give the same config
+    yaml_path.write_text("model: m\nmax_steps: 5\ndata:\n  batch_size: 3\n  shards: [a]\n")
+    assert load_config(TrainConfig, str(yaml_path), []) == load_config(TrainConfig, str(path), [])
+    yaml_path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(TrainConfig, str(yaml_path), [])
+    yaml_path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, str(yaml_path), [])
 
 
 def test_train_refuses_bad_setups_with_a_message(tmp_path, tiny_model_dir, small_shards, capsys):
