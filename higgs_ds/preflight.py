@@ -10,6 +10,7 @@ batches per rank per epoch, samples and tokens per optimizer step, samples repea
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,37 @@ class Report:
         self.problems.append(message)
 
 
-def count_parameters(model_dir: str) -> int:
+def count_parameters(model_dir: str, tuner: str = "full", train_modules: str = "all", lora_rank: int = 8):
+    """(all parameters, trainable ones) of the model, built on the meta device (no memory, no weights):
+    full fine-tuning trains all or the audio side; LoRA trains rank x (in + out) per adapted linear layer
+    (every linear layer but the two heads, or the audio FFN's) plus, for "audio", the modules it saves."""
     import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 
+    from higgs_ds.model_patches import AUDIO_FFN_LINEARS, is_audio_parameter
+
     with torch.device("meta"):
         model = HiggsAudioModel(HiggsAudioConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
+    named = dict(model.named_parameters())
+    total = sum(p.numel() for p in named.values())
+    if tuner == "full":
+        return total, total if train_modules == "all" else sum(
+            p.numel() for n, p in named.items() if is_audio_parameter(n)
+        )
+    adapted = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and (re.fullmatch(AUDIO_FFN_LINEARS, name) if train_modules == "audio" else not name.endswith("lm_head"))
+    ]
+    lora = sum(lora_rank * (m.in_features + m.out_features) for m in adapted)
+    saved = (
+        sum(p.numel() for n, p in named.items() if is_audio_parameter(n) and ".audio_mlp." not in n)
+        if train_modules == "audio"
+        else 0
+    )
+    return total, lora + saved
 
 
 def model_states_gb(params: int, trainable: int, zero: dict, world: int, per_node: int) -> float:
@@ -125,7 +149,7 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0, 
 
     out = Path(cfg.output_dir)
     probe = out if out.exists() else next(p for p in out.parents if p.exists())
-    params = count_parameters(cfg.model)
+    params, trainable = count_parameters(cfg.model, cfg.tuner, cfg.train_modules, cfg.lora_rank)
     checkpoint_gb = params * (WEIGHT_BYTES + OPTIMIZER_BYTES + 4) / 2**30
     if not shutil.disk_usage(probe).free > 2 * checkpoint_gb * 2**30:
         report.fail(
@@ -145,7 +169,7 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0, 
             zero = json.loads(Path(cfg.deepspeed).read_text()).get("zero_optimization", {})
         except (OSError, json.JSONDecodeError) as err:
             report.fail(f"DeepSpeed config {cfg.deepspeed} cannot be read: {err}")
-    per_gpu = model_states_gb(params, params, zero, world, gpus_per_node)
+    per_gpu = model_states_gb(params, trainable, zero, world, gpus_per_node)
     if per_gpu > 0.8 * gpu_memory_gb:
         report.fail(
             f"model states need about {per_gpu:.1f} GB per GPU with ZeRO stage {zero.get('stage', 0)} on "
@@ -169,6 +193,7 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0, 
         "samples_repeated_per_epoch": sum(p.num_repeated for p in plans),
         "samples_dropped_per_epoch": plans[0].num_dropped,
         "parameters": params,
+        "trainable_parameters": trainable,
         "model_states_gb_per_gpu": round(per_gpu, 2),
         "zero_stage": zero.get("stage", 0),
         "checkpoint_gb": round(checkpoint_gb, 2),

@@ -151,14 +151,30 @@ def test_audio_config_freezes_all_but_the_audio_side_with_swift_and_peft(tiny_mo
     assert adapted == {n.removesuffix(".weight") for n in audio if ".audio_mlp." in n}
     saved = {n.replace(".modules_to_save.default", "") for n in trainable if ".lora_" not in n}
     assert saved == {n for n in audio if ".audio_mlp." not in n}
+    # preflight's memory estimate counts the same trainable parameters without building the model
+    from higgs_ds.preflight import count_parameters
+
+    total = sum(p.numel() for p in HiggsAudioModel.from_pretrained(tiny_model_dir).parameters())
+    counted = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert count_parameters(tiny_model_dir, "lora", "audio") == (total, counted)
+    full_audio = sum(
+        p.numel() for n, p in HiggsAudioModel.from_pretrained(tiny_model_dir).named_parameters() if n in audio
+    )
+    assert count_parameters(tiny_model_dir, "full", "audio") == (total, full_audio)
+    assert count_parameters(tiny_model_dir) == (total, total)
+    base = HiggsAudioModel.from_pretrained(tiny_model_dir)
+    linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    every = get_peft_model(base, LoraConfig(r=8, target_modules=linears))
+    assert count_parameters(tiny_model_dir, "lora") == (
+        total,
+        sum(p.numel() for p in every.parameters() if p.requires_grad),
+    )
 
 
 def _env():
     return train_env(29500 + os.getpid() % 1000)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
 def _epoch_targets(shards, model_dir) -> int:
     """Loss targets in one pass over the shards, from the stored JSON alone: text labels after the first
     position except the <|AUDIO_OUT|> placeholders, and K x (frames + EOS) per trained audio-out item."""
@@ -182,6 +198,8 @@ def _epoch_targets(shards, model_dir) -> int:
     return total
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shards, tiny_model_dir):
     out = tmp_path / "train"
     log = torchrun_train(
