@@ -57,9 +57,18 @@ def patch_for_training(model, activation_checkpointing: bool = False):
         return forward(*args, **kwargs)
 
     model.forward = forward_without_labels
+
+    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None):
+        """HF's switch, which the class refuses (SWIFT's --gradient_checkpointing, default true, calls it),
+        mapped onto the per-layer wrapping; applied once however often it is called."""
+        if not getattr(model, "higgs_ds_checkpointing", False):
+            for layer in model.layers:
+                layer.forward = _checkpointed(layer.forward)
+            model.higgs_ds_checkpointing = True
+
+    model.gradient_checkpointing_enable = gradient_checkpointing_enable
     if activation_checkpointing:
-        for layer in model.layers:
-            layer.forward = _checkpointed(layer.forward)
+        gradient_checkpointing_enable()
     return model
 
 

@@ -151,25 +151,37 @@ def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, t
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.label_ids.tolist() == b.label_ids.tolist()
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_model, tiny_model_dir):
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_model, tiny_model_dir, monkeypatch):
     import boson_multimodal.model.higgs_audio  # noqa: F401
+    import torch.utils.checkpoint
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
     from higgs_ds.loss import higgs_loss
     from higgs_ds.model_patches import patch_for_training
 
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+    )
     batch = batch_and_model[0]
     results = []
-    for checkpointing in (False, True):
+    for checkpointing in ("off", "config", "hf_switch"):  # hf_switch: what SWIFT's --gradient_checkpointing calls
         model = patch_for_training(
-            HiggsAudioModel.from_pretrained(tiny_model_dir), activation_checkpointing=checkpointing
+            HiggsAudioModel.from_pretrained(tiny_model_dir), activation_checkpointing=checkpointing == "config"
         )
+        if checkpointing == "hf_switch":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.gradient_checkpointing_enable()  # twice: still one wrapper per layer
+        calls.clear()
         out = model(**model_inputs(batch), labels=None)  # labels=None as PEFT passes it
+        assert len(calls) == (0 if checkpointing == "off" else len(model.layers))
         loss, _ = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, batch["label_audio_ids"])
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+    (loss_a, grads_a), *others = results
+    for loss_b, grads_b in others:
+        torch.testing.assert_close(loss_a, loss_b)
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
     assert model.get_input_embeddings() is model.embed_tokens

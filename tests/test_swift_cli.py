@@ -78,8 +78,7 @@ TRAIN = [
     "1e-3",
     "--lr_scheduler_type",
     "constant",
-    "--gradient_checkpointing",
-    "false",
+    # SWIFT's --gradient_checkpointing default (true) turns on the per-layer activation checkpointing
     "--dataloader_num_workers",
     "2",  # SWIFT forces 1 for iterable data in its trainer; the shard stream keeps what was asked
 ]
