@@ -18,7 +18,7 @@ from pathlib import Path
 from higgs_ds.codec import sha256_file
 from higgs_ds.config import ConfigError
 from higgs_ds.epoch_plan import PlanError, plan_epoch
-from higgs_ds.shard_reader import ShardError, load_index, shard_refs
+from higgs_ds.shard_reader import ShardError, codec_mismatches, load_index, shard_refs
 
 # Bytes of model states per parameter with mixed-precision Adam: 2 (bf16 weights) + 2 (bf16 grads)
 # + 12 (fp32 master weights, momentum, variance).
@@ -113,18 +113,8 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0, 
                     "changed or cut short after the build; `higgs-ds shards verify` names every bad shard, "
                     "then rebuild it"
                 )
-        codec = index["codec"]
-        for key, want in (
-            ("num_codebooks", model_config.audio_num_codebooks),
-            ("codebook_size", model_config.audio_codebook_size),
-            ("frame_rate", 25),
-            ("sample_rate", 24000),
-        ):
-            if codec.get(key) != want:
-                report.fail(
-                    f"shards in {d} were encoded by a codec with {key}={codec.get(key)}, the model needs "
-                    f"{want}: rebuild them with the model's codec (bosonai/higgs-audio-v2-tokenizer)"
-                )
+        for problem in codec_mismatches(index, model_config, d):
+            report.fail(problem)
     if report.problems:
         return report
 

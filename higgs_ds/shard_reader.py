@@ -51,6 +51,24 @@ def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
     return index
 
 
+def codec_mismatches(index: dict, model_config, shard_dir: str) -> list[str]:
+    """What in a shard set's codec provenance the model cannot read, each with how to fix it (every
+    Higgs-Audio v2 model reads 25 Hz codes of 24 kHz audio; codebooks and their size from its config)."""
+    codec = index["codec"]
+    want = {
+        "num_codebooks": model_config.audio_num_codebooks,
+        "codebook_size": model_config.audio_codebook_size,
+        "frame_rate": 25,
+        "sample_rate": 24000,
+    }
+    return [
+        f"shards in {shard_dir} were built with a codec of {key}={codec.get(key)}, the model expects {value}: "
+        "rebuild them with the model's codec (bosonai/higgs-audio-v2-tokenizer)"
+        for key, value in want.items()
+        if codec.get(key) != value
+    ]
+
+
 def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
     """Every shard of every directory, in order; `dataset` is the directory's place in `shard_dirs`."""
     refs = []

@@ -55,7 +55,7 @@ from higgs_ds.model_patches import (
     check_audio_side,
     patch_for_training,
 )
-from higgs_ds.shard_reader import load_index
+from higgs_ds.shard_reader import codec_mismatches, load_index
 from higgs_ds.shard_writer import INDEX_NAME
 
 logger = get_logger()
@@ -294,19 +294,9 @@ TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
 
 
 def check_codec_matches(index: dict, config, shard_dir: str) -> None:
-    codec = index["codec"]
-    want = {
-        "num_codebooks": config.audio_num_codebooks,
-        "codebook_size": config.audio_codebook_size,
-        "frame_rate": 25,
-        "sample_rate": 24000,
-    }  # every Higgs-Audio v2 model reads 25 Hz codes of 24 kHz audio
-    for key, value in want.items():
-        if codec.get(key) != value:
-            raise UserError(
-                f"shards in {shard_dir} were built with a codec of {key}={codec.get(key)}, the model "
-                f"expects {value}; rebuild the shards with the model's codec"
-            )
+    problems = codec_mismatches(index, config, shard_dir)
+    if problems:
+        raise UserError(problems[0])
 
 
 def open_shard_stream(data: DataConfig, model_config, tokenizer) -> ShardStream:

@@ -37,7 +37,7 @@ def test_preflight_accepts_a_good_setup_and_prints_the_plan(tiny_model_dir, smal
     [
         ("corrupt", "differs from its index.json (sha256)"),
         ("missing", "listed in its index.json but missing"),
-        ("codec", "codebook_size=2048, the model needs 1024: rebuild them with the model's codec"),
+        ("codec", "codebook_size=2048, the model expects 1024: rebuild them with the model's codec"),
         ("too_few", "fewer than its 4 dataloader workers: lower data.num_workers"),
     ],
 )
