@@ -154,6 +154,8 @@ ENV_MAX_TOKENS = "HIGGS_DS_MAX_TOKENS"  # data.max_tokens: budget batching inste
 ENV_MAX_LENGTH = "HIGGS_DS_MAX_LENGTH"  # data.max_length (SWIFT's --max_length defaults to the model's context)
 ENV_PEAK_TFLOPS = "HIGGS_DS_PEAK_TFLOPS"  # peak_tflops, for the mfu metric
 ENV_LOG_SAMPLE_IDS = "HIGGS_DS_LOG_SAMPLE_IDS"  # "1": log_sample_ids (output_dir/samples_rank{R}.jsonl)
+ENV_TEXT_WEIGHT = "HIGGS_DS_TEXT_WEIGHT"  # loss.text_weight
+ENV_CODEBOOK_WEIGHTS = "HIGGS_DS_CODEBOOK_WEIGHTS"  # loss.codebook_weights, comma-separated: "2,1,1,1,1,1,1,1"
 
 
 def _env_number(name: str, kind=int):
@@ -406,6 +408,19 @@ def cli_data_config(args, shards: list[str]) -> DataConfig:
     )
 
 
+def cli_loss_config(num_codebooks: int) -> LossConfig:
+    """loss.text_weight and loss.codebook_weights from the environment (SWIFT has no flags for them)."""
+    text_weight = _env_number(ENV_TEXT_WEIGHT, float)
+    raw = os.environ.get(ENV_CODEBOOK_WEIGHTS, "").strip()
+    try:
+        weights = tuple(float(w) for w in raw.split(",")) if raw else None
+    except ValueError:
+        raise UserError(f"${ENV_CODEBOOK_WEIGHTS} must be comma-separated numbers, got {raw!r}") from None
+    if weights is not None and (len(weights) != num_codebooks or min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"${ENV_CODEBOOK_WEIGHTS} needs {num_codebooks} weights >= 0, not all 0; got {raw!r}")
+    return LossConfig(text_weight=1.0 if text_weight is None else text_weight, codebook_weights=weights)
+
+
 def _user_errors_exit(method):
     """Run a hooked SwiftSft step; a UserError ends the process with its message, not a traceback."""
 
@@ -451,6 +466,8 @@ def _install_cli_hooks() -> None:
             logger.info("setting ignore_data_skip: true (the data position is restored from the checkpoint)")
         data = cli_data_config(self.args, shards)
         logger.info(f"higgs-ds data from SWIFT's arguments: {data}")
+        HiggsAudioTemplate.loss_config = cli_loss_config(self.model.config.audio_num_codebooks)
+        logger.info(f"higgs-ds loss: {HiggsAudioTemplate.loss_config}")
         val = None
         if cli_val_dirs(self.args):
             eval_cfg = EvalConfig(shards=cli_val_dirs(self.args), batch_size=self.args.per_device_eval_batch_size)

@@ -24,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def swift_sft(model_dir, dataset, out, *extra, ranks=2, timeout=300):
+def swift_sft(model_dir, dataset, out, *extra, ranks=2, timeout=300, env=None):
     cmd = [
         str(SWIFT),
         "sft",
@@ -53,7 +53,7 @@ def swift_sft(model_dir, dataset, out, *extra, ranks=2, timeout=300):
         "false",
         *extra,
     ]
-    env = dict(train_env(_free_port()), HIGGS_DS_LOG_SAMPLE_IDS="1")
+    env = dict(train_env(_free_port()), HIGGS_DS_LOG_SAMPLE_IDS="1", **(env or {}))
     if ranks == 1:
         env.pop("NPROC_PER_NODE")  # SWIFT runs one process without torchrun
     return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=timeout)
@@ -84,6 +84,9 @@ TRAIN = [
 ]
 
 
+LOSS_ENV = {"HIGGS_DS_TEXT_WEIGHT": "0.5"}  # the loss settings SWIFT has no flags for
+
+
 def sample_log(out: Path, rank: int) -> list[list[str]]:
     lines = (out / f"samples_rank{rank}.jsonl").read_text().splitlines()
     return [json.loads(line)["ids"] for line in lines]
@@ -97,7 +100,7 @@ def train_log(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, small_shards, tiny_model_dir):
     out = tmp_path_factory.mktemp("swift-cli") / "run"
-    run = swift_sft(tiny_model_dir, small_shards, out, *TRAIN)
+    run = swift_sft(tiny_model_dir, small_shards, out, *TRAIN, env=LOSS_ENV)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out, run.stdout + run.stderr
 
@@ -130,6 +133,8 @@ def test_swift_sft_trains_from_the_per_rank_shard_stream(cli_run, small_shards, 
     assert len(history) == 6 and all(math.isfinite(h["loss"]) for h in history)
     assert all(f"audio_loss_cb{k}" in h and "text_loss" in h and "tokens_per_s" in h for h in history for k in range(8))
     assert history[-1]["loss"] < history[0]["loss"] - 0.5, (history[0], history[-1])
+    for h in history:  # $HIGGS_DS_TEXT_WEIGHT=0.5 reached the loss: each logged value is the step's mean
+        assert h["loss"] == pytest.approx(0.5 * h["text_loss"] + h["audio_loss"], rel=1e-3), h
     assert log.count("[higgs-ds] step 6/6") == 1  # the dense log callback, added once
 
     ckpt = out / "checkpoint-3"
@@ -148,7 +153,13 @@ def test_swift_sft_resumes_at_the_saved_data_position(cli_run, small_shards, tin
     resumed.mkdir()
     shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
     run = swift_sft(
-        tiny_model_dir, small_shards, resumed, *TRAIN, "--resume_from_checkpoint", str(resumed / "checkpoint-3")
+        tiny_model_dir,
+        small_shards,
+        resumed,
+        *TRAIN,
+        "--resume_from_checkpoint",
+        str(resumed / "checkpoint-3"),
+        env=LOSS_ENV,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "data position restored: epoch 1, 1 batches done" in run.stdout + run.stderr
