@@ -55,6 +55,7 @@ def _shards_build(args):
         num_slices=count,
         resume=args.resume,
         tokenizer=args.tokenizer,
+        codec_batch=args.codec_batch,
     )
     summary = build_shards(args.manifests, args.out, args.codec, cfg, device=args.device)
     print(json.dumps(summary, indent=1))
@@ -182,6 +183,12 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--fast-fail", dest="fast_fail", action="store_true", help="stop at the first bad sample")
     s.add_argument("--tokenizer", default=None, help="model directory: store exact expanded lengths per sample")
     s.add_argument("--device", default="cpu", help="codec device: cpu or cuda")
+    s.add_argument(
+        "--codec-batch",
+        type=int,
+        default=0,
+        help="equal-length clips per codec call (default: 16 on cuda, 1 on cpu, where batching does not pay)",
+    )
     s.set_defaults(func=_shards_build, fast_fail=False)
 
     s = shards.add_parser("index", help="merge the slice indexes of a --slice build into index.json")

@@ -50,6 +50,8 @@ class BuildConfig:
     """Encoding processes."""
     chunk: int = 32
     """Samples handed to a worker at a time (equal-length clips inside a chunk are batched)."""
+    codec_batch: int = 0
+    """Equal-length clips per codec call; 0: 16 on a GPU, 1 on a CPU, where batching does not pay."""
     fast_fail: bool = False
     """Stop at the first bad sample instead of recording it in rejects.jsonl."""
     slice_index: int = 0
@@ -111,9 +113,12 @@ def _encode_clips(paths: list[str], cfg: BuildConfig) -> dict:
     by_length: dict[int, list[str]] = {}
     for path, wave in waves.items():
         by_length.setdefault(len(wave), []).append(path)
+    # Batches pay on a GPU; on a CPU the codec's convolutions gain nothing and a batch of 8 ran at 0.3-2.2x
+    # the speed of one clip at a time (bench/shard_build.py), so clips go one by one there (same codes).
+    batch = cfg.codec_batch or (16 if str(codec.model.device).startswith("cuda") else 1)
     for length, group in by_length.items():
-        for start in range(0, len(group), 16):
-            part = group[start : start + 16]
+        for start in range(0, len(group), batch):
+            part = group[start : start + batch]
             for path, c in zip(part, _encode_group(codec, [waves[p] for p in part], part)):
                 results[path] = c if isinstance(c, AudioError) else (c, length / rate)
     return results

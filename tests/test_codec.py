@@ -89,7 +89,7 @@ def test_builder_groups_mixed_length_clips_and_matches_one_at_a_time(tiny_codec,
         sf.write(path, (rng.randn(samples) * 0.1).astype(np.float32), 24000, subtype="FLOAT")
         paths.append(str(path))
     _init_worker("tiny", "cpu", None, 2)
-    clips = _encode_clips(paths, BuildConfig())
+    clips = _encode_clips(paths, BuildConfig(codec_batch=16))  # batches on the CPU too (its default: 1)
     for path in paths:
         wave, _ = sf.read(path, dtype="float32")
         np.testing.assert_array_equal(clips[path][0], tiny_codec.model.encode(wave, sr=24000).cpu().numpy())
