@@ -177,10 +177,16 @@ class ShardStream(torch.utils.data.IterableDataset):
 class EpochDataLoader(torch.utils.data.DataLoader):
     """A DataLoader over a ShardStream that counts its own epochs and knows its position: state_dict()
     after k batches, then load_state_dict() in a new process, continues with batch k+1 of the same epoch
-    (with any number of workers). Each complete pass over it is one epoch; the next pass is the next."""
+    (with any number of workers). Each complete pass over it is one epoch; the next pass is the next.
 
-    def __init__(self, stream: ShardStream, collate_fn, num_workers: int):
+    `endless`: one pass runs on from epoch to epoch. The trainer uses it so that HF never sees an epoch end:
+    HF groups micro-batches for gradient accumulation across its epochs, and a data epoch whose micro-batch
+    count is not a multiple of the accumulation steps would otherwise end in a short fetch window that HF
+    merges with the next epoch's first one (wrong loss normalisation, a checkpoint position mid-window)."""
+
+    def __init__(self, stream: ShardStream, collate_fn, num_workers: int, endless: bool = False):
         stream.check_workers(num_workers)
+        self.endless = endless
         super().__init__(
             stream,
             batch_size=None,
@@ -202,11 +208,14 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         self.dataset.epoch, self.dataset.start_batch, self._consumed = epoch, batches_done, batches_done
 
     def __iter__(self):
-        self._consumed = self.dataset.start_batch
-        for batch in super().__iter__():
-            self._consumed += 1
-            yield batch
-        self.seek(self.dataset.epoch + 1)  # a completed epoch: the next pass is the next epoch
+        while True:
+            self._consumed = self.dataset.start_batch
+            for batch in super().__iter__():
+                self._consumed += 1
+                yield batch
+            self.seek(self.dataset.epoch + 1)  # a completed epoch: the next pass is the next epoch
+            if not self.endless:
+                return
 
     def state_dict(self) -> dict:
         epoch, done = self.dataset.epoch, self._consumed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,18 +49,27 @@ class EvalConfig:
 def eval_data_config(cfg: EvalConfig, data):
     """The training DataConfig pointed at the validation shards (same budget, workers, collator); seed 0
     and epoch 0 at every evaluation, so each evaluation sees the same batches."""
-    return dataclasses.replace(data, shards=list(cfg.shards), batch_size=cfg.batch_size or data.batch_size, seed=0)
+    return dataclasses.replace(
+        data,
+        shards=list(cfg.shards),
+        batch_size=cfg.batch_size or data.batch_size,
+        seed=0,
+        weights=None,  # the training mix and cloning are training's: validation reads its samples as they are
+        clone_references=0.0,
+    )
 
 
 def prompt_records(shard_dirs: list[str], count: int) -> list[dict]:
     """The first `count` samples that end in a trained assistant audio turn, in index order."""
+    from higgs_ds.generate import has_audio
     from higgs_ds.shard_reader import load_index, read_shard
 
     records = []
     for d in shard_dirs:
         for shard in load_index(d)["shards"]:
             for _, record in read_shard(str(Path(d) / shard["file"])):
-                if record["json"]["messages"][-1]["role"] == "assistant" and record["json"]["audio"]:
+                last = record["json"]["messages"][-1]
+                if last["role"] == "assistant" and has_audio(last["content"]):  # what generation continues
                     records.append(record)
                 if len(records) == count:
                     return records
@@ -91,7 +101,8 @@ class AudioSamples:
         import soundfile as sf
 
         rate = int(self.codec.provenance["sample_rate"])
-        path = self.output_dir / "eval_audio" / f"step-{step}" / f"{sample_id}.wav"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(sample_id)).lstrip(".") or "prompt"  # ids are data, not paths
+        path = self.output_dir / "eval_audio" / f"step-{step}" / f"{safe}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
         sf.write(path, wave, rate)
         if writer is not None:

@@ -44,7 +44,7 @@ class Prompt:
     text: str
 
 
-def _has_audio(content) -> bool:
+def has_audio(content) -> bool:
     items = content if isinstance(content, list) else [content]
     return any(isinstance(c, dict) and c.get("type") == "audio" for c in items)
 
@@ -63,7 +63,7 @@ def prompt_from_record(record: dict, tokenizer) -> Prompt:
     len(items) of the record's codes (the shard keeps them in order of appearance)."""
     meta = record["json"]
     messages = meta["messages"]
-    targets = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and _has_audio(m.get("content"))]
+    targets = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and has_audio(m.get("content"))]
     if not targets:
         raise ValueError(f"sample {meta.get('id')!r} has no assistant audio turn to generate")
     turns = messages[: targets[-1]]

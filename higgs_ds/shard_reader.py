@@ -96,9 +96,11 @@ _NPY_U16_2D = re.compile(
 
 
 def _decode_codes(data: bytes) -> np.ndarray:
+    if not data.startswith(b"\x93NUMPY"):  # np.load would also open .npz archives
+        raise ValueError("not a .npy array")
     m = _NPY_U16_2D.match(data)
-    if m is None:  # any other header: numpy's own reader (never pickle)
-        return np.load(io.BytesIO(data), allow_pickle=False)
+    if m is None or m.end() != 10 + int.from_bytes(data[8:10], "little"):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # any other header: numpy's own reader, never pickle
     rows, cols = int(m.group(1)), int(m.group(2))
     if len(data) != m.end() + 2 * rows * cols:
         raise ValueError(f"npy data holds {len(data) - m.end()} bytes, its header says {2 * rows * cols}")

@@ -197,7 +197,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             raise RuntimeError(
                 "higgs-ds restores the data position itself: pass --ignore_data_skip true (it must stay true)"
             )
-        self._higgs_loader = EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers)
+        self._higgs_loader = EpochDataLoader(stream, self.data_collator, stream.cfg.num_workers, endless=True)
         return self._higgs_loader
 
     def get_eval_dataloader(self, eval_dataset=None):

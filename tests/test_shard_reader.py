@@ -87,6 +87,10 @@ def test_codes_decode_like_numpy_and_refuse_what_numpy_would(tmp_path):
     with pytest.raises(ValueError, match="header says"):
         _decode_codes(encode_codes(codes)[:-10])
     buf = io.BytesIO()
+    np.savez(buf, codes=codes)  # an archive under the .npy name: refused, not opened
+    with pytest.raises(ValueError, match="not a .npy array"):
+        _decode_codes(buf.getvalue())
+    buf = io.BytesIO()
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):  # object arrays need pickle: refused
         _decode_codes(buf.getvalue())

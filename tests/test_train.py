@@ -175,18 +175,18 @@ def _env():
     return train_env(29500 + os.getpid() % 1000)
 
 
-def _epoch_targets(shards, model_dir) -> int:
-    """Loss targets in one pass over the shards, from the stored JSON alone: text labels after the first
-    position except the <|AUDIO_OUT|> placeholders, and K x (frames + EOS) per trained audio-out item."""
+def _sample_targets(shards, model_dir) -> dict:
+    """Loss targets per sample id, from the stored JSON alone: text labels after the first position except
+    the <|AUDIO_OUT|> placeholders, and K x (frames + EOS) per trained audio-out item."""
     from transformers import AutoConfig
 
     from higgs_ds.shard_reader import read_shard
 
     config = AutoConfig.from_pretrained(model_dir)
-    total = 0
+    targets = {}
     for shard in sorted(shards.glob("shard-*.tar")):
         for _, record in read_shard(str(shard)):
-            meta = record["json"]
+            meta, total = record["json"], 0
             ids, labels = meta["input_ids"], meta["label_ids"]
             total += sum(1 for t, y in zip(ids[1:], labels[1:]) if y != -100 and t != config.audio_out_token_idx)
             audio_tokens = [
@@ -195,7 +195,12 @@ def _epoch_targets(shards, model_dir) -> int:
             for (t, y), item in zip(audio_tokens, meta["audio"]):
                 if t == config.audio_out_token_idx and y != -100:
                     total += config.audio_num_codebooks * (item["frames"] + 1)
-    return total
+            targets[meta["id"]] = total
+    return targets
+
+
+def _epoch_targets(shards, model_dir) -> int:
+    return sum(_sample_targets(shards, model_dir).values())
 
 
 @pytest.mark.slow
@@ -436,3 +441,32 @@ def test_two_rank_zero3_audio_only_training_leaves_the_text_side_bit_identical(
     assert {"layers.0.mlp.gate_proj.weight", "embed_tokens.weight", "audio_decoder_proj.text_lm_head.weight"} <= (
         set(initial) - audio
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_accumulation_windows_stay_whole_across_epoch_ends(tmp_path, small_shards, tiny_model_dir):
+    """4 micro-batches per rank per epoch, 3 accumulated per step: every optimizer step is normalised by the
+    targets of exactly its own 3 x 2 micro-batches, and each checkpoint's data position is what was trained."""
+    out = tmp_path / "train"
+    torchrun_train(
+        out,
+        tiny_model_dir,
+        small_shards,
+        *("--max_steps", "4", "--save_steps", "2", "--grad_accum", "3", "--data.batch_size", "1"),
+        *("--log_sample_ids", "true", "--save_probe", "false"),
+        port=29500 + (os.getpid() + 11) % 1000,
+    )
+    targets = _sample_targets(small_shards, tiny_model_dir)
+    per_step = {}
+    for rank in (0, 1):
+        for line in (out / f"samples_rank{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            per_step.setdefault(entry["step"], []).extend(entry["ids"])
+    assert sorted(per_step) == [1, 2, 3, 4] and all(len(ids) == 6 for ids in per_step.values())
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    logged = {h["step"]: h["target_tokens"] for h in history if "target_tokens" in h}
+    assert logged == {step: sum(targets[i] for i in ids) for step, ids in per_step.items()}
+    for step, micro_batches in ((2, 6), (4, 12)):  # 4 micro-batches per epoch on each rank
+        state = json.loads((out / f"checkpoint-{step}" / "data_state_rank0.json").read_text())
+        assert (state["epoch"], state["batches_done"]) == divmod(micro_batches, 4)
