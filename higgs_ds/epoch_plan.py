@@ -315,7 +315,8 @@ def plan_epoch(
             f"budget batching (max_tokens) and max_length need per-sample expanded lengths, which "
             f"{missing}'s index lacks: rebuild the shards with `higgs-ds shards build --tokenizer MODEL`"
         )
-    check_weights(cfg.weights, max((r.dataset for r in refs), default=0) + 1)
+    # data.shards may end in directories without shards; DataConfig checks the weights' count exactly
+    check_weights(cfg.weights, max(max((r.dataset for r in refs), default=-1) + 1, len(cfg.weights or ())))
     check_clone_fraction(cfg.clone_references)
     order, mix = epoch_order(refs, seed, epoch, cfg.weights)
     limit = min(x for x in (cfg.max_tokens, cfg.max_length, 1 << 62) if x)

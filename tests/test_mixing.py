@@ -104,3 +104,9 @@ def test_the_stream_reads_the_weighted_sets_with_equal_batches_and_exact_resume(
     changed = build_dataloader(DataConfig(**(base | {"weights": [1.0, 1.0]})), tok, config, rank=1, world_size=2)
     with pytest.raises(PlanError, match="data.weights"):
         changed.load_state_dict(state)
+
+
+def test_a_trailing_directory_without_shards_keeps_its_weight():
+    """data.shards may end in a directory whose index lists no shard: its weight is valid, it adds nothing."""
+    plan = plan_epoch(REFS, BatchingConfig(weights=(*WEIGHTS, 1.0)), seed=0, epoch=0, rank=0, world_size=1)
+    assert _per_set(p for b in plan.batches for p in b) == {0: 10, 1: 4, 2: 15}
