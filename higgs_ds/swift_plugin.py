@@ -4,8 +4,8 @@ It registers Higgs-Audio v2 with ms-swift 4.x and runs SWIFT's own training loop
 HF Trainer, with DeepSpeed) with three replacements:
 
 * model `higgs_audio`: boson's HiggsAudioModel loaded through AutoModel (never trust_remote_code);
-* template `higgs_audio`: batches come from boson's HiggsAudioSampleCollator, and the loss is
-  computed here (higgs_ds.loss) because the model's forward computes none;
+* template `higgs_audio`: batches are boson's HiggsAudioSampleCollator's (higgs_ds.collate, vectorised and
+  checked against it), and the loss is computed here (higgs_ds.loss) because the model's forward computes none;
 * data: the per-rank, multi-worker shard stream (higgs_ds.dataloader) replaces ms-swift's rank-0
   streaming dispatcher, so every rank reads its own shards and yields the same number of batches.
 
