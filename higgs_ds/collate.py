@@ -24,14 +24,18 @@ import torch
 IGNORE = -100
 
 
-def make_collator(model_config, round_to: int = 8):
-    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
-
+def _refuse_whisper(model_config) -> None:
     if model_config.encode_whisper_embed:
         raise ValueError(
             "this model config sets encode_whisper_embed=True (a Whisper audio tower); higgs-ds "
             "trains the released generation model, which reads audio as codes only"
         )
+
+
+def make_collator(model_config, round_to: int = 8):
+    from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+
+    _refuse_whisper(model_config)
     return HiggsAudioSampleCollator(
         whisper_processor=None,
         audio_in_token_id=model_config.audio_in_token_idx,
@@ -122,7 +126,7 @@ class FastCollator:
     """The function of boson's HiggsAudioSampleCollator for this model config, vectorised over the batch."""
 
     def __init__(self, model_config):
-        make_collator(model_config)  # the same refusals (Whisper tower)
+        _refuse_whisper(model_config)
         c = model_config
         self.audio_in, self.audio_out, self.pad = c.audio_in_token_idx, c.audio_out_token_idx, c.pad_token_id
         self.bos, self.eos = c.audio_stream_bos_id, c.audio_stream_eos_id

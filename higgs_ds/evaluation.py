@@ -84,6 +84,13 @@ class AudioSamples:
 
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.records = prompt_records(cfg.shards, cfg.generate)
+        if len(self.records) < cfg.generate:  # said, not silently fewer
+            log.warning(
+                "eval.generate = %d, but the validation shards hold only %d samples ending in assistant audio: "
+                "generating those",
+                cfg.generate,
+                len(self.records),
+            )
         self.codec = resolve_codec(cfg.codec, device="cpu")
 
     def run(self, model, tokenizer, step: int, writer=None, is_main: bool = True) -> list[Path]:

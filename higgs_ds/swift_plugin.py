@@ -469,8 +469,9 @@ def _install_cli_hooks() -> None:
         HiggsAudioTemplate.loss_config = cli_loss_config(self.model.config.audio_num_codebooks)
         logger.info(f"higgs-ds loss: {HiggsAudioTemplate.loss_config}")
         val = None
-        if cli_val_dirs(self.args):
-            eval_cfg = EvalConfig(shards=cli_val_dirs(self.args), batch_size=self.args.per_device_eval_batch_size)
+        val_dirs = cli_val_dirs(self.args)
+        if val_dirs:
+            eval_cfg = EvalConfig(shards=val_dirs, batch_size=self.args.per_device_eval_batch_size)
             val = open_shard_stream(eval_data_config(eval_cfg, data), self.model.config, self.template.tokenizer)
         return [open_shard_stream(data, self.model.config, self.template.tokenizer), val]
 
