@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from higgs_ds.errors import UserError
+from higgs_ds.errors import EXIT_CODES_HELP, CheckFailed, UserError, report
 
 
 def _tiny_model(args):
@@ -127,7 +127,9 @@ def _demo(args):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="higgs-ds", description="Fine-tune Higgs-Audio v2: shards, training, export.")
+    p = argparse.ArgumentParser(
+        prog="higgs-ds", description="Fine-tune Higgs-Audio v2: shards, training, export.", epilog=EXIT_CODES_HELP
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("tiny-model", help="write a tiny random-weight HiggsAudioModel + tokenizer (offline)")
@@ -248,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except UserError as err:
-        print(f"higgs-ds {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (UserError, CheckFailed) as err:
+        return report(err)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from higgs_ds.config import ConfigError, describe, load_config, to_dict
 from higgs_ds.dataloader import DataConfig
+from higgs_ds.errors import EXIT_CODES_HELP, report
 from higgs_ds.evaluation import EvalConfig
 from higgs_ds.loss import LossConfig
 
@@ -89,6 +90,8 @@ Settings come from the config file (TOML, or YAML when named .yaml/.yml), overri
 
 settings:
 {describe(TrainConfig)}
+
+{EXIT_CODES_HELP}
 """
 
 
@@ -127,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(path, rest)
     except ConfigError as err:
-        print(f"higgs-ds train: error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     from higgs_ds import swift_plugin  # heavy imports only once the config is known to be good
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
