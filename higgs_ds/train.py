@@ -19,6 +19,7 @@ from higgs_ds.dataloader import DataConfig
 from higgs_ds.errors import EXIT_CODES_HELP, report
 from higgs_ds.evaluation import EvalConfig
 from higgs_ds.loss import LossConfig
+from higgs_ds.safe_io import atomic_write_json, redact
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
-        (Path(cfg.output_dir) / "higgs_ds_config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+        # the resolved config, credentials redacted ([swift] hub_token and the like never reach a file)
+        atomic_write_json(Path(cfg.output_dir) / "higgs_ds_config.json", redact(to_dict(cfg)))
     swift_plugin.run_training(cfg)
     return 0
 
