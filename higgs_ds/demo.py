@@ -5,6 +5,10 @@
 
 Each step prints what it does and where its output went; the model and shards are reused when they
 already exist, training and export run anew.
+
+The workdir is the demo's own: a new or empty folder, marked with `higgs_ds_demo.json` on first use. A
+non-empty folder without that marker is refused (the demo replaces `WORKDIR/train`, and must never delete
+a folder it did not make); so is a `train` entry that is not a plain folder (a symlink elsewhere).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+from higgs_ds.errors import UserError
+from higgs_ds.safe_io import atomic_write_json
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = REPO / "shards" / "demo" / "manifest.jsonl"
+DEMO_MARKER = "higgs_ds_demo.json"
 
 
 def _say(msg: str) -> None:
@@ -48,9 +56,37 @@ def _run(cmd: list[str], log_path: Path, env: dict, echo_prefix: str | None = No
         )
 
 
-def run_demo(workdir: str, steps: int | None = None) -> int:
+def prepare_workdir(workdir: str | os.PathLike) -> Path:
+    """The demo's workdir, made and marked if new; refused if it holds anything the demo did not make."""
     work = Path(workdir).resolve()
+    if work.exists() and not work.is_dir():
+        raise UserError(f"demo workdir {work} is not a folder: pass --workdir with a new or empty folder")
+    marker = work / DEMO_MARKER
+    if work.is_dir() and any(work.iterdir()) and not (marker.is_file() and not marker.is_symlink()):
+        raise UserError(
+            f"demo workdir {work} is not empty and is not a previous demo run (no {DEMO_MARKER}); the demo "
+            "replaces folders in its workdir, so it refuses this one: pass --workdir with a new or empty folder"
+        )
     work.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        atomic_write_json(marker, {"made_by": "higgs-ds demo", "note": "this folder holds only demo outputs"})
+    return work
+
+
+def _fresh_train_dir(work: Path) -> Path:
+    """WORKDIR/train, emptied: the previous demo run's training output, never anything else."""
+    train_dir = work / "train"
+    if train_dir.is_symlink() or (train_dir.exists() and not train_dir.is_dir()):
+        raise UserError(
+            f"{train_dir} is not a folder the demo made (a symlink or a file): move it away and run the demo again"
+        )
+    if train_dir.exists():
+        shutil.rmtree(train_dir)  # in a marked workdir, made by an earlier run of the demo
+    return train_dir
+
+
+def run_demo(workdir: str, steps: int | None = None) -> int:
+    work = prepare_workdir(workdir)
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -85,8 +121,7 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
     else:
         _say(f"shards: {shard_dir} (exist)")
 
-    train_dir = work / "train"
-    shutil.rmtree(train_dir, ignore_errors=True)
+    train_dir = _fresh_train_dir(work)
     overrides = [
         "--model",
         str(model_dir),

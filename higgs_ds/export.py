@@ -7,18 +7,38 @@ Under ZeRO-3 the weights are partitioned across ranks; export consolidates them 
 DeepSpeed partition files (fp32 master weights), so no GPU has to hold the whole model. The result is
 safetensors + config + tokenizer + `codec.json` (the codec the shards were encoded with), and it loads
 with `HiggsAudioModel.from_pretrained(DIR)`.
+
+What export may touch (`--out` names a folder the user chose, so it is treated as someone else's):
+- `--out` must be new, empty, or a previous export: a folder holding a valid `higgs_ds_export.json` (the
+  marker this module writes, listing the files it wrote) and nothing but those files. Anything else is
+  refused, and so is an `--out` equal to, inside or above the checkpoint, its run (output_dir) or the LoRA
+  base, compared by real path (symlinks resolved).
+- The new export is built in a temp folder beside `--out`, every file and folder fsynced, then swapped in
+  by one atomic rename (RENAME_EXCHANGE; where the filesystem lacks it, old -> trash name, new -> out). Only
+  then is the old export removed, after checking again that it is one. A crash leaves the old or the new
+  export at `--out`, never a mix and never nothing (in the two-rename fallback, the old one under its
+  trash name for the instant between the renames).
+- What export writes itself (README.md, codec.json, higgs_ds_export.json) is redacted (safe_io.redact)
+  and holds no absolute path: a path inside the run is shown relative to the run's parent folder
+  (`my_run/checkpoint-500`), any other absolute path by its last component (`higgs-audio-v2-tokenizer`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
+import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 
 from higgs_ds.checkpoint import is_complete, latest_complete
 from higgs_ds.errors import UserError
 from higgs_ds.model_patches import patch_for_training
+from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, is_secret_key, redact
 
 COPIED_FILES = (
     "config.json",
@@ -27,25 +47,60 @@ COPIED_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
+MARKER = "higgs_ds_export.json"
+MARKER_FORMAT = "higgs-ds export"
+# What an export written before the marker listed its files held (recognised by its marker's keys).
+_LEGACY_EXPORT_FILES = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|codec|higgs_ds_export)\.json"
+    r"|README\.md|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+)
+_MAX_JSON_BYTES = 64 << 20  # a run config, trainer state or marker larger than this is not one
 
 
 class ExportError(UserError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    """A JSON object from a file of the checkpoint or run, or an ExportError naming it and `fix`."""
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise ExportError(f"{path} ({what}) is over {_MAX_JSON_BYTES >> 20} MiB: {fix}")
+        obj = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path} ({what}) cannot be read as JSON ({err}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise ExportError(f"{path} ({what}) holds a JSON {type(obj).__name__}, not an object: {fix}")
+    return obj
+
+
 def resolve_checkpoint(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise ExportError(f"{p} is not a directory")
+        raise ExportError(f"{p} is not a directory: pass a run's output_dir or one of its checkpoint-N folders")
     if is_complete(p) and p.name.startswith("checkpoint-"):
         return p
     latest = latest_complete(p)
     if latest is None:
         raise ExportError(
             f"no complete checkpoint in {p} (looked for checkpoint-N with trainer_state.json and "
-            "every rank's data state)"
+            "every rank's data state): pass a run's output_dir or a checkpoint-N folder that training finished writing"
         )
     return latest
+
+
+def _deepspeed_tag(ckpt: Path) -> str:
+    """The `latest` file's tag, refused unless it names a global_stepN folder of this checkpoint."""
+    tag = (ckpt / "latest").read_text(errors="replace").strip()
+    if not re.fullmatch(r"global_step\d+", tag) or not (ckpt / tag).is_dir() or (ckpt / tag).is_symlink():
+        raise ExportError(
+            f"{ckpt / 'latest'} names {tag[:80]!r}, not a global_stepN folder of {ckpt}: "
+            "the checkpoint is damaged or not DeepSpeed's; export another checkpoint"
+        )
+    return tag
 
 
 def consolidated_state_dict(ckpt: Path, merge_lora: bool = False, base: str | None = None) -> tuple[dict, Path]:
@@ -53,32 +108,44 @@ def consolidated_state_dict(ckpt: Path, merge_lora: bool = False, base: str | No
     if (ckpt / "adapter_config.json").is_file():
         if not merge_lora:
             raise ExportError(f"{ckpt} holds LoRA adapters: pass --merge-lora to merge them into the base model")
-        return _merged_lora(ckpt, base), Path(
-            base or json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
-        )
+        base = _lora_base(ckpt, base)
+        return _merged_lora(ckpt, base), Path(base)
     if (ckpt / "latest").is_file():  # DeepSpeed partitions: rebuild the fp32 weights on the CPU
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt)), ckpt
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=_deepspeed_tag(ckpt)), ckpt
     weights = sorted(ckpt.glob("model*.safetensors"))
     if not weights:
         raise ExportError(f"{ckpt} holds neither DeepSpeed partitions (latest + global_step*/) nor model*.safetensors")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state = {}
     for w in weights:
-        state.update(load_file(w))
+        try:
+            state.update(load_file(w))
+        except (SafetensorError, OSError) as err:
+            raise ExportError(f"{w} is not a readable safetensors file ({err}): export another checkpoint") from None
     return state, ckpt
 
 
-def _merged_lora(ckpt: Path, base: str | None) -> dict:
+def _lora_base(ckpt: Path, base: str | None) -> str:
+    if base:
+        return base
+    adapter = _read_json(ckpt / "adapter_config.json", "the LoRA adapter config", "pass --base DIR")
+    named = adapter.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        raise ExportError(f"{ckpt / 'adapter_config.json'} names no base_model_name_or_path: pass --base DIR")
+    return named
+
+
+def _merged_lora(ckpt: Path, base: str) -> dict:
     """Base model + the checkpoint's (gathered) adapters, merged with PEFT on the CPU."""
     import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from peft import PeftModel
 
-    base = base or json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"]
     if not Path(base, "config.json").is_file():
         raise ExportError(f"the LoRA base model {base} is not a model directory: pass --base DIR")
     model = patch_for_training(HiggsAudioModel.from_pretrained(base, torch_dtype=torch.float32))  # as in training
@@ -86,28 +153,244 @@ def _merged_lora(ckpt: Path, base: str | None) -> dict:
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
-def _codec_note(ckpt: Path) -> dict | None:
-    run_cfg = ckpt.parent / "higgs_ds_config.json"
-    if not run_cfg.is_file():
+def _run_config(ckpt: Path) -> dict:
+    path = ckpt.parent / "higgs_ds_config.json"
+    if not path.is_file():
+        return {}
+    return _read_json(path, "the run's config", "restore it from the run, or move it away to export without it")
+
+
+def _shard_dirs(run_cfg: dict, ckpt: Path) -> list[str]:
+    shards = run_cfg.get("data", {}).get("shards", []) if isinstance(run_cfg.get("data"), dict) else []
+    if not isinstance(shards, list) or not all(isinstance(d, str) for d in shards):
+        raise ExportError(
+            f"{ckpt.parent / 'higgs_ds_config.json'}: data.shards is not a list of folders: restore the run's config"
+        )
+    return shards
+
+
+def _shard_index(shard_dir: str) -> tuple[dict, Path] | None:
+    from higgs_ds.shard_reader import load_index
+
+    path = Path(shard_dir) / "index.json"
+    return (load_index(shard_dir, check_files=False), path) if path.is_file() else None
+
+
+def _codec_note(ckpt: Path, run_dir: Path) -> dict | None:
+    run_cfg = _run_config(ckpt)
+    if not run_cfg:
         return None
-    shards = json.loads(run_cfg.read_text())["data"]["shards"]
-    notes = []
-    for d in shards:
-        index = Path(d) / "index.json"
-        if index.is_file():
-            notes.append(json.loads(index.read_text())["codec"])
-    return {"trained_on_shards": shards, "codec": notes[0] if notes else None}
+    shards = _shard_dirs(run_cfg, ckpt)
+    notes = [found[0].get("codec") for found in map(_shard_index, shards) if found]
+    return _clean({"trained_on_shards": shards, "codec": notes[0] if notes else None}, run_dir)
+
+
+# ------------------------------------------------------------------------------ what export writes
+
+
+# An absolute path inside a string: after the start, a space, '=', a quote or a bracket, never after a
+# word character, '/', '.', ':' (so 'a/b', '../x' and 'https://host/x' are left alone).
+_ABS_PATH = re.compile(r"(?<![\w/.:~\\-])(?:~/|/(?=[^\s/])|[A-Za-z]:[\\/])[^\s\"'`<>|,;()\[\]{}]*")
+
+
+def _display_path(text: str, run_dir: Path) -> str:
+    """An absolute path as it appears in an export: relative to the run's parent inside the run,
+    else its last component."""
+    path = Path(os.path.expanduser(text)) if text.startswith("~") else Path(text)
+    if path.is_absolute():
+        try:
+            return str(Path(os.path.realpath(path)).relative_to(os.path.realpath(run_dir.parent)))
+        except ValueError:
+            pass
+    return re.split(r"[\\/]", text.rstrip("\\/"))[-1] or "."
+
+
+def _clean(obj, run_dir: Path):
+    """`obj` (dicts, lists, strings) with credentials redacted and absolute paths shortened."""
+    if isinstance(obj, dict):  # a credential that is not a string (a number, a list) goes too
+        hide = {k for k, v in obj.items() if is_secret_key(str(k)) and v not in (None, "") and not isinstance(v, bool)}
+        return redact({str(k): REDACTED if k in hide else _clean(v, run_dir) for k, v in obj.items()})
+    if isinstance(obj, (list, tuple)):
+        return redact([_clean(v, run_dir) for v in obj])
+    if isinstance(obj, str):
+        return redact(_ABS_PATH.sub(lambda m: _display_path(m.group(0), run_dir), obj))
+    return obj
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _copy_model_file(src: Path, dst: Path) -> None:
+    """Copy a config/tokenizer file of the checkpoint; a symlink out of its folder (say, to a key file)
+    is refused. A Hugging Face cache snapshot's links into its `blobs/` folder are followed."""
+    real = Path(os.path.realpath(src))
+    folder = Path(os.path.realpath(src.parent))
+    roots = [folder] + ([folder.parent.parent] if folder.parent.name == "snapshots" else [])
+    if not real.is_file() or not any(real.is_relative_to(r) for r in roots):
+        raise ExportError(
+            f"{src} is not a regular file of {src.parent} (it resolves to {real}): replace it with the file itself"
+        )
+    shutil.copyfile(real, dst)
+
+
+# ---------------------------------------------------------------------------------------- --out
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    """How folder `a` lies relative to folder `b` when replacing `a` would touch `b`."""
+    if a == b:
+        return "is"
+    if a.is_relative_to(b):
+        return "lies inside"
+    return "contains" if b.is_relative_to(a) else None
+
+
+def _check_out_location(out: Path, protected: dict[str, Path]) -> None:
+    for what, path in protected.items():
+        relation = _relation(out, Path(os.path.realpath(path)))
+        if relation:
+            raise ExportError(
+                f"--out {out} {relation} {what} {path}: export replaces --out, so it refuses a folder inside or "
+                "above the checkpoint, its run or the base model; pass a folder outside the run, e.g. a sibling "
+                "of the run's output_dir"
+            )
+
+
+def _previous_export_problem(folder: Path) -> str | None:
+    """None when `folder` is a previous export (a valid marker and only the files it lists), else why not."""
+    marker = folder / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return f"it holds no {MARKER}"
+    try:
+        note = json.loads(marker.read_bytes()) if marker.stat().st_size < (1 << 20) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        note = None
+    if not isinstance(note, dict):
+        return f"its {MARKER} is not an export marker"
+    files = note.get("files")
+    if note.get("format") == MARKER_FORMAT and isinstance(files, list) and all(isinstance(f, str) for f in files):
+        allowed = set(files) | {MARKER}
+        is_allowed = allowed.__contains__
+    elif note.get("format") is None and {"checkpoint", "dtype"} <= set(note):  # written before markers listed files
+        is_allowed = _LEGACY_EXPORT_FILES.fullmatch
+    else:
+        return f"its {MARKER} is not an export marker"
+    others = sorted(e.name for e in os.scandir(folder) if not (e.is_file(follow_symlinks=False) and is_allowed(e.name)))
+    if others:
+        return f"it also holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which export did not write"
+    return None
+
+
+def _check_out_contents(out: Path) -> None:
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder: pass a new or empty folder")
+    if not any(os.scandir(out)):
+        return
+    problem = _previous_export_problem(out)
+    if problem:
+        raise ExportError(
+            f"--out {out} is not empty and is not a previous higgs-ds export ({problem}); export never deletes "
+            "such a folder: pass a new or empty folder, or move its contents away"
+        )
+
+
+# ------------------------------------------------------------------------------------- publishing
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where the system or filesystem lacks it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _publish_dir(tmp: Path, out: Path) -> None:
+    """Put the fsynced folder `tmp` at `out`; an old export there is removed only once the new one is in place."""
+    if not os.path.lexists(out) or not any(os.scandir(out)):
+        os.rename(tmp, out)  # onto nothing or an empty folder; fails if the folder filled up meanwhile
+        fsync_dir(out.parent)
+        return
+    old = out.with_name(f".{out.name}.old.{os.getpid()}.{secrets.token_hex(8)}")
+    if _exchange(tmp, out):
+        old = tmp
+    else:
+        os.rename(out, old)
+        os.rename(tmp, out)
+    fsync_dir(out.parent)
+    problem = _previous_export_problem(old)
+    if problem:  # someone changed --out since it was checked: keep what they put there
+        raise ExportError(
+            f"{out} changed during the export ({problem}); the new export is at {out}, what was there is kept at {old}"
+        )
+    shutil.rmtree(old)
+
+
+# ------------------------------------------------------------------------------------------ export
 
 
 def export(
     checkpoint: str, out_dir: str, dtype: str | None = None, merge_lora: bool = False, base: str | None = None
 ) -> Path:
+    ckpt = resolve_checkpoint(checkpoint)
+    out = Path(os.path.realpath(out_dir))  # the folder a symlinked --out names is the one replaced
+    protected = {"the checkpoint": ckpt, "the run": ckpt.parent}
+    if merge_lora and (ckpt / "adapter_config.json").is_file():
+        protected["the LoRA base model"] = Path(_lora_base(ckpt, base))
+    _check_out_location(out, protected)
+    _check_out_contents(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with DirLock(out.parent, f".{out.name}.export.lock", what="export"):
+        tmp = out.with_name(f".{out.name}.new.{os.getpid()}.{secrets.token_hex(8)}")
+        tmp.mkdir()
+        try:
+            _build(ckpt, tmp, dtype, merge_lora, base)
+            _fsync_tree(tmp)
+            _check_out_contents(out)  # again: consolidation takes minutes
+            _publish_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
+            raise
+    return out
+
+
+def _build(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None) -> None:
+    """Write the whole export into the empty folder `tmp`."""
     import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
     from huggingface_hub import save_torch_state_dict
 
-    ckpt = resolve_checkpoint(checkpoint)
     state, model_files = consolidated_state_dict(ckpt, merge_lora, base)
     config = HiggsAudioConfig.from_pretrained(model_files)
     with torch.device("meta"):
@@ -120,57 +403,68 @@ def export(
         )
     target = getattr(torch, dtype) if dtype else torch.float32
     state = {k: v.to(target).contiguous() for k, v in state.items()}
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     save_torch_state_dict(state, tmp, max_shard_size="5GB")
     for name in COPIED_FILES:
         if (model_files / name).is_file():
-            shutil.copy2(model_files / name, tmp / name)
+            _copy_model_file(model_files / name, tmp / name)
     config.torch_dtype = str(target).removeprefix("torch.")
     config.save_pretrained(tmp)
-    note = _codec_note(ckpt)
+    run_dir = ckpt.parent
+    note = _codec_note(ckpt, run_dir)
     if note:
-        (tmp / "codec.json").write_text(json.dumps(note, indent=1) + "\n")
-    (tmp / "higgs_ds_export.json").write_text(
-        json.dumps({"checkpoint": str(ckpt.resolve()), "dtype": config.torch_dtype}, indent=1) + "\n"
-    )
-    (tmp / "README.md").write_text(model_card(ckpt, model_files, note, config.torch_dtype, merge_lora))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+        _write_json(tmp / "codec.json", note)
+    _write_text(tmp / "README.md", model_card(ckpt, model_files, note, config.torch_dtype, merge_lora))
+    files = sorted(p.name for p in tmp.iterdir()) + [MARKER]
+    shown = _display_path(os.path.realpath(ckpt), run_dir)
+    marker = {"format": MARKER_FORMAT, "checkpoint": shown, "dtype": config.torch_dtype, "files": files}
+    _write_json(tmp / MARKER, _clean(marker, run_dir))
+
+
+def _trainer_state(ckpt: Path) -> dict:
+    return _read_json(ckpt / "trainer_state.json", "the trainer state", "export another checkpoint of the run")
+
+
+def _index_line(shard_dir: str, run_dir: Path) -> str | None:
+    found = _shard_index(shard_dir)
+    if found is None:
+        return None
+    index, path = found
+    try:
+        samples, hours, shards = int(index["num_samples"]), float(index["audio_seconds"]) / 3600, len(index["shards"])
+    except (KeyError, TypeError, ValueError):
+        raise ExportError(
+            f"{path} lacks num_samples, audio_seconds or shards: rebuild that shard set, or remove it from "
+            f"data.shards in {run_dir / 'higgs_ds_config.json'}"
+        ) from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    shown = _clean(shard_dir, run_dir)
+    return f"- `{shown}`: {samples} samples, {hours:.3f} h of audio, {shards} shards, index.json sha256 {digest}"
 
 
 def model_card(ckpt: Path, model_files: Path, codec_note: dict | None, dtype: str, merged_lora: bool) -> str:
-    """README.md of an exported directory: what it was trained from, on what, how far, and how to load it."""
-    run_cfg_path = ckpt.parent / "higgs_ds_config.json"
-    run_cfg = json.loads(run_cfg_path.read_text()) if run_cfg_path.is_file() else {}
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    last = next((h for h in reversed(state["log_history"]) if "audio_loss" in h), {})
-    base = run_cfg.get("model", "?")
+    """README.md of an exported directory: what it was trained from, on what, how far, and how to load it.
+    Redacted, and without absolute paths (see the module docstring)."""
+    run_dir = ckpt.parent
+    run_cfg = _run_config(ckpt)
+    shown_cfg = _clean(run_cfg, run_dir)
+    state = _trainer_state(ckpt)
+    shown_ckpt = _display_path(os.path.realpath(ckpt), run_dir)
+    history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
+    last = next((h for h in reversed(history) if isinstance(h, dict) and "audio_loss" in h), {})
     lines = [
         "# Higgs-Audio v2 fine-tuned with higgs-ds",
         "",
-        f"- base model: `{base}`" + (" (LoRA adapters merged)" if merged_lora else ""),
-        f"- checkpoint: `{ckpt.resolve()}`, step {state.get('global_step')} of {state.get('max_steps')}",
+        f"- base model: `{shown_cfg.get('model', '?')}`" + (" (LoRA adapters merged)" if merged_lora else ""),
+        f"- checkpoint: `{shown_ckpt}`, step {state.get('global_step')} of {state.get('max_steps')}",
         f"- final losses: total {last.get('loss')}, text {last.get('text_loss')}, audio {last.get('audio_loss')}",
         f"- weights: {dtype}",
         "",
         "## Data",
         "",
     ]
-    for d in run_cfg.get("data", {}).get("shards", []):
-        index_path = Path(d) / "index.json"
-        if index_path.is_file():
-            index = json.loads(index_path.read_text())
-            digest = hashlib.sha256(index_path.read_bytes()).hexdigest()
-            lines.append(
-                f"- `{d}`: {index['num_samples']} samples, {index['audio_seconds'] / 3600:.3f} h of audio, "
-                f"{len(index['shards'])} shards, index.json sha256 {digest}"
-            )
-    if codec_note and codec_note.get("codec"):
-        codec = codec_note["codec"]
+    lines += [line for line in (_index_line(d, run_dir) for d in _shard_dirs(run_cfg, ckpt)) if line]
+    codec = codec_note.get("codec") if codec_note else None
+    if isinstance(codec, dict):
         lines += [
             "",
             f"Audio codec: {codec.get('codec')} (weights sha256 {codec.get('weights_sha256')}), "
@@ -181,8 +475,10 @@ def model_card(ckpt: Path, model_files: Path, codec_note: dict | None, dtype: st
         "",
         "## Training config",
         "",
+        "(credentials redacted; absolute paths shown by their last component, or relative to the run's parent)",
+        "",
         "```json",
-        json.dumps(run_cfg, indent=1),
+        json.dumps(shown_cfg, indent=1),
         "```",
         "",
         "## Loading",
@@ -197,7 +493,7 @@ def model_card(ckpt: Path, model_files: Path, codec_note: dict | None, dtype: st
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return _clean("\n".join(lines), run_dir)
 
 
 def check_export(model_dir: str, probe_path: str, atol: float = 1e-5, rtol: float = 1e-4) -> dict:
