@@ -16,8 +16,9 @@ What export may touch (`--out` names a folder the user chose, so it is treated a
 - The new export is built in a temp folder beside `--out`, every file and folder fsynced, then swapped in
   by one atomic rename (RENAME_EXCHANGE; where the filesystem lacks it, old -> trash name, new -> out). Only
   then is the old export removed, after checking again that it is one. A crash leaves the old or the new
-  export at `--out`, never a mix and never nothing (in the two-rename fallback, the old one under its
-  trash name for the instant between the renames).
+  export at `--out`, never a mix (in the two-rename fallback, the old one under its trash name for the
+  instant between the renames: the next export, holding the same lock, puts it back first). Leftovers of
+  interrupted exports that are whole exports are removed then; a build cut short is named, never deleted.
 - What export writes itself (README.md, codec.json, higgs_ds_export.json) is redacted (safe_io.redact)
   and holds no absolute path: a path inside the run is shown relative to the run's parent folder
   (`my_run/checkpoint-500`), any other absolute path by its last component (`higgs-audio-v2-tokenizer`).
@@ -33,6 +34,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 from higgs_ds.checkpoint import is_complete, latest_complete
@@ -202,7 +204,7 @@ def _display_path(text: str, run_dir: Path) -> str:
             return str(Path(os.path.realpath(path)).relative_to(os.path.realpath(run_dir.parent)))
         except ValueError:
             pass
-    return re.split(r"[\\/]", text.rstrip("\\/"))[-1] or "."
+    return re.split(r"[\\/]", text.rstrip("\\/"))[-1] or "/"
 
 
 def _clean(obj, run_dir: Path):
@@ -212,6 +214,8 @@ def _clean(obj, run_dir: Path):
         return redact({str(k): REDACTED if k in hide else _clean(v, run_dir) for k, v in obj.items()})
     if isinstance(obj, (list, tuple)):
         return redact([_clean(v, run_dir) for v in obj])
+    if isinstance(obj, str) and (os.path.isabs(obj) or obj.startswith("~/")):  # a whole path, spaces and all
+        return redact(_display_path(obj, run_dir))
     if isinstance(obj, str):
         return redact(_ABS_PATH.sub(lambda m: _display_path(m.group(0), run_dir), obj))
     return obj
@@ -356,6 +360,27 @@ def _publish_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def _leftovers(out: Path) -> list[Path]:
+    """Temp folders of interrupted exports to `out` (`.NAME.new.PID.HEX`, `.NAME.old.PID.HEX`), newest first."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(new|old)\.\d+\.[0-9a-f]{{16}}")
+    found = [e for e in os.scandir(out.parent) if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    return [Path(e.path) for e in sorted(found, key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)]
+
+
+def _tidy_leftovers(out: Path) -> None:
+    """With the lock held (no other export to `out` runs): put back an old export that a crash between the
+    two fallback renames left under its trash name, remove leftovers that are whole exports, and name the
+    rest (a build cut short has no marker, so it is not recognised as an export and is left alone)."""
+    for folder in _leftovers(out):
+        if _previous_export_problem(folder) is not None:
+            print(f"higgs-ds: note: {folder} is left from an interrupted export; remove it", file=sys.stderr)
+        elif not os.path.lexists(out) and ".old." in folder.name:
+            os.rename(folder, out)
+            fsync_dir(out.parent)
+        else:
+            shutil.rmtree(folder)
+
+
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -371,6 +396,7 @@ def export(
     _check_out_contents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with DirLock(out.parent, f".{out.name}.export.lock", what="export"):
+        _tidy_leftovers(out)
         tmp = out.with_name(f".{out.name}.new.{os.getpid()}.{secrets.token_hex(8)}")
         tmp.mkdir()
         try:

@@ -191,6 +191,24 @@ def test_re_export_without_an_atomic_exchange_still_replaces_by_rename(run, tmp_
 
 
 @pytest.mark.timeout(300)
+def test_a_crash_between_the_fallback_renames_is_recovered_by_the_next_export(run, tmp_path, capsys):
+    out = tmp_path / "exported"
+    _export(run, out)
+    trash = tmp_path / ".exported.old.4242.0123456789abcdef"  # where the crash left the old export
+    out.rename(trash)
+    cut_short = tmp_path / ".exported.new.4243.fedcba9876543210"  # a build killed before its marker
+    cut_short.mkdir()
+    (cut_short / "model.safetensors").write_bytes(b"partial")
+
+    _export(run, out, dtype="bfloat16")
+
+    assert json.loads((out / "higgs_ds_export.json").read_text())["dtype"] == "bfloat16"
+    assert not trash.exists()
+    assert (cut_short / "model.safetensors").read_bytes() == b"partial"  # not recognised as an export: kept
+    assert str(cut_short) in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
 def test_an_export_that_fails_midway_leaves_the_previous_export_whole(run, tmp_path, monkeypatch):
     import higgs_ds.export as export_module
 
