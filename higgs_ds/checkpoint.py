@@ -3,8 +3,10 @@
 A checkpoint directory `OUTPUT_DIR/checkpoint-N` is written by HF Trainer / DeepSpeed (model, optimizer
 partitions, scheduler, trainer_state.json, one rng_state per rank) plus one `data_state_rank{R}.json` per
 rank (the shard stream's position, written before anything else). It counts as complete only when
-trainer_state.json and every rank's data state and rng state are there, so a checkpoint cut short by a
-kill is never resumed from.
+trainer_state.json and every rank's data state and rng state are there and parse (a file torn by a full
+disk or a kill makes it incomplete: `latest_complete` then picks an older one), so a checkpoint cut short
+is never resumed from. A data state is written atomically (fsync, rename, fsync of the directory), and
+`read_data_state` refuses one that is not what `EpochDataLoader.state_dict` writes, naming the file.
 
 A run stops cleanly (saves a checkpoint, then exits) when `OUTPUT_DIR/STOP` or the file named by
 $HIGGS_DS_STOP_FILE appears: the SLURM script creates it on the pre-timeout signal.
@@ -17,7 +19,16 @@ import os
 import re
 from pathlib import Path
 
+from higgs_ds.errors import UserError
+from higgs_ds.safe_io import atomic_write_json
+
 STOP_FILE_ENV = "HIGGS_DS_STOP_FILE"
+_INSTEAD = "resume from an earlier checkpoint (resume = PATH) or train into a new output_dir"
+_DATA_STATE = re.compile(r"data_state_rank(\d+)\.json")
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be resumed from; the message names it."""
 
 
 def data_state_path(checkpoint: str | os.PathLike, rank: int) -> Path:
@@ -27,27 +38,88 @@ def data_state_path(checkpoint: str | os.PathLike, rank: int) -> Path:
 def write_data_state(checkpoint: str | os.PathLike, rank: int, world_size: int, state: dict) -> None:
     path = data_state_path(checkpoint, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(dict(state, world_size=world_size)) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, dict(state, world_size=world_size), indent=None)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value, minimum: int = 0) -> bool:
+    return _is_int(value) and value >= minimum
+
+
+def check_data_state(state, source) -> None:
+    """The shape EpochDataLoader.state_dict writes: a JSON object with non-negative integer epoch,
+    batches_done and rank, a world size > rank, an integer seed and, when present, a plan object."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} holds a JSON {type(state).__name__}, not a data position object: {_INSTEAD}")
+    problems = [key for key in ("epoch", "batches_done", "rank") if not _is_count(state.get(key))]
+    if not _is_count(state.get("world_size"), 1) or (not problems and state["rank"] >= state["world_size"]):
+        problems.append("world_size")
+    if not _is_int(state.get("seed")):
+        problems.append("seed")
+    if "plan" in state and not isinstance(state["plan"], dict):
+        problems.append("plan")
+    if problems:
+        raise CheckpointError(
+            f"{source} is not a data position written by higgs-ds training (bad or missing "
+            f"{', '.join(problems)}): {_INSTEAD}"
+        )
+
+
+def _load_json(path: Path):
+    """The file's JSON value; CheckpointError naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(
+            f"{path} cannot be read as JSON ({err}): the checkpoint was cut short (a full disk or a kill while "
+            f"saving); {_INSTEAD}"
+        ) from None
 
 
 def read_data_state(checkpoint: str | os.PathLike, rank: int) -> dict | None:
+    """Rank `rank`'s saved data position (with "file": its path, for messages), None when there is none."""
     path = data_state_path(checkpoint, rank)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    state = _load_json(path)
+    check_data_state(state, path)
+    return dict(state, file=str(path))
 
 
 def is_complete(checkpoint: str | os.PathLike) -> bool:
-    ckpt = Path(checkpoint)
-    has_model = (ckpt / "config.json").is_file() or (ckpt / "adapter_config.json").is_file()  # full or LoRA
-    if not (ckpt / "trainer_state.json").is_file() or not has_model:
+    """Whether `checkpoint` can be resumed from: every file higgs-ds relies on is there and parses. Never
+    raises on what it finds (torn or hostile JSON is "not complete")."""
+    try:
+        return _check_complete(Path(checkpoint))
+    except (UserError, OSError, ValueError):
         return False
-    states = sorted(ckpt.glob("data_state_rank*.json"))
-    if not states:
+
+
+def _check_complete(ckpt: Path) -> bool:
+    model_configs = [ckpt / name for name in ("config.json", "adapter_config.json") if (ckpt / name).is_file()]
+    if not (ckpt / "trainer_state.json").is_file() or not model_configs:  # a full model or a LoRA adapter
+        return False
+    if not all(isinstance(_load_json(path), dict) for path in [ckpt / "trainer_state.json", *model_configs]):
+        return False
+    latest = ckpt / "latest"  # DeepSpeed's pointer to its global_stepN folder
+    if latest.is_file() and not (ckpt / latest.read_text().strip()).is_dir():
+        return False
+    files = {int(m.group(1)): ckpt / m.group(0) for p in ckpt.iterdir() if (m := _DATA_STATE.fullmatch(p.name))}
+    if not files:
         return True  # a checkpoint written outside higgs-ds training (e.g. a plain HF one)
-    world = json.loads(states[0].read_text()).get("world_size", len(states))
-    rng = list(ckpt.glob("rng_state*.pth"))
-    return len(states) == world and (world == 1 or len(rng) >= world)
+    states = {}
+    for rank, path in files.items():
+        states[rank] = _load_json(path)
+        check_data_state(states[rank], path)
+    worlds = {state["world_size"] for state in states.values()}
+    ranks_match = all(state["rank"] == rank for rank, state in states.items())
+    if len(worlds) != 1 or not ranks_match or set(states) != set(range(worlds.pop())):
+        return False
+    rng = [p for p in ckpt.glob("rng_state*.pth") if p.stat().st_size > 0]
+    return len(states) == 1 or len(rng) >= len(states)
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:

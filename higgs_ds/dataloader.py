@@ -10,16 +10,32 @@ The epoch plan (higgs_ds.epoch_plan) fixes every rank's micro-batches before the
 dataloader worker reads its round-robin share, encodes (boson's prepare_chatml_sample, or the ids stored
 at build time) and collates (higgs_ds.collate) whole batches. This replaces ms-swift's rank-0 streaming
 dispatcher.
+
+Two guards keep a rank from training on something it was not meant to, or from waiting forever:
+
+* the data position saved in a checkpoint carries a fingerprint of everything the epoch plan is computed
+  from (each shard directory's index entries, the batching settings, seed and world size); a resume whose
+  plan would differ is refused with what changed (`load_state_dict`), since batch k of another plan is
+  other samples;
+* with workers, the rank waits at most `data.loader_timeout` seconds for its next micro-batch, then fails
+  naming the shards that batch reads; a UserError raised inside a worker (a bad shard) reaches the rank as
+  the same one-line error, not wrapped in the worker's traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import math
 import os
+import pickle
 from dataclasses import dataclass, field
 
 import torch
 
+from higgs_ds.checkpoint import check_data_state
 from higgs_ds.collate import BatchCollator
 from higgs_ds.encoding import SampleEncoder, tokenizer_fingerprint
 from higgs_ds.epoch_plan import (
@@ -30,6 +46,7 @@ from higgs_ds.epoch_plan import (
     check_weights,
     plan_epoch,
 )
+from higgs_ds.errors import UserError
 from higgs_ds.shard_reader import load_index, read_positions, shard_refs
 
 log = logging.getLogger(__name__)
@@ -64,11 +81,23 @@ class DataConfig:
     same speaker from the same directory is put before it as reference (user text + assistant audio,
     start_index 3: only the target is trained), chosen from (seed, epoch). Needs shards built by this
     version (speakers in the index); with max_tokens, also --tokenizer."""
+    loader_timeout: float = 600.0
+    """Seconds a rank waits for its next micro-batch from a dataloader worker before it fails with the
+    names of the shards that batch reads (a hung network filesystem, a FIFO or device in place of a shard)
+    instead of hanging the job. Covers reading, decoding and collating one batch; 0 waits forever; with
+    num_workers = 0 there is no worker to time out."""
 
     def __post_init__(self):
         if self.weights is not None:
             check_weights(self.weights, len(self.shards))
         check_clone_fraction(self.clone_references)
+        timeout = self.loader_timeout
+        number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        if not number or not math.isfinite(timeout) or timeout < 0:
+            raise PlanError(
+                f"data.loader_timeout = {timeout!r}: it is the seconds a rank waits for a dataloader worker's "
+                "next batch, a finite number >= 0 (0 waits forever)"
+            )
 
     def batching(self) -> BatchingConfig:
         return BatchingConfig(
@@ -88,11 +117,30 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise PlanError("no shard directories given (data.shards is empty)")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.refs = shard_refs(cfg.shards)
+        indexes = [load_index(d) for d in cfg.shards]
         mine = tokenizer_fingerprint(tokenizer)
-        stored = all(load_index(d)["build"].get("tokenizer_fingerprint") == mine for d in cfg.shards)
+        stored = all(index["build"].get("tokenizer_fingerprint") == mine for index in indexes)
         self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
+        self.shard_sets = [shard_set_fingerprint(index) for index in indexes]
         self.epoch, self.start_batch = 0, 0
         self._plan = None  # (epoch, plan): the plan is asked for by num_batches, state_dict and every worker
+
+    def plan_fingerprint(self) -> dict:
+        """Everything plan_epoch computes this rank's batches from, as JSON values: saved with the data
+        position, compared on resume (a position only means something in the plan it was taken from)."""
+        batching = dataclasses.asdict(self.cfg.batching())
+        return json.loads(
+            json.dumps(
+                {"seed": self.cfg.seed, "world_size": self.world_size, "batching": batching, "shards": self.shard_sets}
+            )
+        )
+
+    def batch_shards(self, k: int) -> list[str]:
+        """The shard files micro-batch k of this epoch reads (its samples and their cloning references)."""
+        plan = self.plan()
+        batch = plan.batches[k] if 0 <= k < len(plan.batches) else []
+        positions = list(batch) + [plan.references[p] for p in batch if p in plan.references]
+        return list(dict.fromkeys(self.refs[s].path for s, _ in positions))
 
     def plan(self):
         if self._plan is None or self._plan[0] != self.epoch:
@@ -120,8 +168,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             )
 
     def __iter__(self):
-        plan = self.plan()
         info = torch.utils.data.get_worker_info()
+        try:
+            yield from self._batches(info)
+        except UserError as err:
+            if info is None:
+                raise
+            yield WorkerFailure.of(err)  # the rank raises it (see WorkerFailure); this worker is done
+
+    def _batches(self, info):
+        plan = self.plan()
         remaining = plan.batches[self.start_batch :]
         mine = batches_for_worker(remaining, info.id, info.num_workers) if info else remaining
         if (info is None or info.id == 0) and self.rank == 0 and self.start_batch == 0:
@@ -174,6 +230,69 @@ class ShardStream(torch.utils.data.IterableDataset):
         ]
 
 
+def shard_set_fingerprint(index: dict) -> dict:
+    """One shard directory as the plan sees it: the sha256 of its index's per-shard entries (file names,
+    counts, sizes, sha256, lengths, speakers, clone_parts; not the build's timings or paths), and its shard
+    and sample counts, kept readable for the message when they differ. A moved directory keeps it."""
+    shards = index["shards"]
+    canonical = json.dumps(shards, sort_keys=True, separators=(",", ":")).encode()
+    return {
+        "shards": len(shards),
+        "samples": sum(s["num_samples"] for s in shards),
+        "sha256": hashlib.sha256(canonical).hexdigest(),
+    }
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A UserError raised in a dataloader worker, sent to the rank as a batch: torch would re-raise it with
+    the worker's traceback pasted into its message; the rank raises it as it was, one line."""
+
+    kind: type
+    message: str
+
+    @classmethod
+    def of(cls, err: UserError) -> "WorkerFailure":
+        try:
+            pickle.dumps(type(err))  # it crosses a process boundary; a class pickle cannot name becomes UserError
+            kind = type(err)
+        except Exception:
+            kind = UserError
+        return cls(kind, str(err))
+
+    def error(self) -> UserError:
+        try:
+            err = self.kind(self.message)
+        except Exception:  # a subclass with another constructor
+            err = None
+        return err if isinstance(err, UserError) else UserError(self.message)
+
+
+class _PassFailures:
+    """The collate_fn as run in a worker: a WorkerFailure goes through untouched, and a UserError of the
+    collator itself (a bad sample found while collating) becomes one."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, item):
+        if isinstance(item, WorkerFailure):
+            return item
+        try:
+            return self.collate_fn(item)
+        except UserError as err:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return WorkerFailure.of(err)
+
+
+class LoaderTimeout(UserError):
+    """A dataloader worker gave no batch within data.loader_timeout."""
+
+
+_TORCH_TIMEOUT = "DataLoader timed out"  # how torch's RuntimeError for `timeout` begins
+
+
 class EpochDataLoader(torch.utils.data.DataLoader):
     """A DataLoader over a ShardStream that counts its own epochs and knows its position: state_dict()
     after k batches, then load_state_dict() in a new process, continues with batch k+1 of the same epoch
@@ -190,10 +309,12 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         super().__init__(
             stream,
             batch_size=None,
-            collate_fn=collate_fn,
+            collate_fn=_PassFailures(collate_fn),
             num_workers=num_workers,
             persistent_workers=False,
             multiprocessing_context="fork" if num_workers else None,
+            # without a timeout a worker stuck on a shard that never answers hangs the whole job
+            timeout=float(stream.cfg.loader_timeout) if num_workers else 0,
             # Starting an epoch's iterator draws worker seeds; from the global torch RNG that would shift
             # the training RNG (LoRA dropout) by one draw per epoch start, and a resume mid-epoch starts one
             # more iterator than an uninterrupted run: different dropout masks after the resume.
@@ -210,12 +331,41 @@ class EpochDataLoader(torch.utils.data.DataLoader):
     def __iter__(self):
         while True:
             self._consumed = self.dataset.start_batch
-            for batch in super().__iter__():
-                self._consumed += 1
-                yield batch
+            yield from self._epoch()
             self.seek(self.dataset.epoch + 1)  # a completed epoch: the next pass is the next epoch
             if not self.endless:
                 return
+
+    def _epoch(self):
+        """One pass of torch's iterator; a stuck worker or a worker's UserError fails the rank, by name."""
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if not str(err).startswith(_TORCH_TIMEOUT):
+                    raise
+                batch = self._timed_out()
+            if isinstance(batch, (WorkerFailure, LoaderTimeout)):
+                del batches  # torch's iterator shuts its workers down now (a stuck one is terminated)
+                raise batch.error() if isinstance(batch, WorkerFailure) else batch
+            self._consumed += 1
+            yield batch
+
+    def _timed_out(self) -> LoaderTimeout:
+        stream, k = self.dataset, self._consumed  # batches arrive in plan order: the pending one is batch k
+        worker = (k - stream.start_batch) % self.num_workers
+        paths = stream.batch_shards(k)
+        named = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+        return LoaderTimeout(
+            f"rank {stream.rank}: dataloader worker {worker} gave no micro-batch in {self.timeout:g} s "
+            f"(data.loader_timeout); micro-batch {k} of epoch {stream.epoch} reads {named or 'no shard'}: "
+            "a worker stalls on a shard file that does not answer (a hung network filesystem, a FIFO or device "
+            "in place of a shard); check that these are readable regular files (`higgs-ds shards verify DIR` "
+            "reads every shard), or raise data.loader_timeout if the filesystem is only slow"
+        )
 
     def state_dict(self) -> dict:
         epoch, done = self.dataset.epoch, self._consumed
@@ -229,24 +379,95 @@ class EpochDataLoader(torch.utils.data.DataLoader):
             "rank": self.dataset.rank,
             "weights": None if self.dataset.cfg.weights is None else list(self.dataset.cfg.weights),
             "clone_references": self.dataset.cfg.clone_references,
+            "plan": self.dataset.plan_fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.dataset.world_size or state["seed"] != self.dataset.cfg.seed:
+        """Continue at the saved position, once it is known to belong to this run's plan. `state["file"]`
+        (set by checkpoint.read_data_state) names the file in messages."""
+        source = state.get("file") or "the saved data position"
+        check_data_state(state, source)
+        changes = self._changes(state)
+        if changes:
             raise PlanError(
-                f"the saved data position is for world size {state['world_size']} and seed "
-                f"{state['seed']}; this run has {self.dataset.world_size} and {self.dataset.cfg.seed}: "
-                "resume with the same number of ranks and data.seed"
+                f"{source}: the saved data position was taken in another epoch plan than this run's: "
+                f"{'; '.join(changes)}. Batch k of another plan is other samples (some would be skipped, some "
+                "repeated): resume with the saved settings and shards, or train into a new output_dir"
             )
-        cfg = self.dataset.cfg
-        saved = (state.get("weights"), state.get("clone_references", 0.0))  # absent in older states: defaults
-        if saved != (None if cfg.weights is None else list(cfg.weights), cfg.clone_references):
-            raise PlanError(
-                f"the saved data position is for data.weights {saved[0]} and data.clone_references {saved[1]}; "
-                f"this run has {cfg.weights} and {cfg.clone_references}: they change the epoch's batches, "
-                "resume with the saved values (or start a new output_dir)"
-            )
+        if state["rank"] != self.dataset.rank:
+            raise PlanError(f"{source} is rank {state['rank']}'s data position, not rank {self.dataset.rank}'s")
         self.seek(state["epoch"], state["batches_done"])
+        if state["batches_done"] > self.dataset.num_batches():
+            raise PlanError(
+                f"{source}: {state['batches_done']} batches done in epoch {state['epoch']}, but the epoch has "
+                f"{self.dataset.num_batches()}: resume with the settings and shards it was saved with"
+            )
+
+    def _changes(self, state: dict) -> list[str]:
+        """What differs between the saved plan and this run's, each as 'setting: saved X, now Y'."""
+        if "plan" not in state:
+            return self._legacy_changes(state)
+        saved, now = state["plan"], self.dataset.plan_fingerprint()
+        changes = []
+        if saved.get("world_size") != now["world_size"]:
+            changes.append(
+                f"world size: saved {saved.get('world_size')} ranks, now {now['world_size']} (a resume needs "
+                "the same number of ranks)"
+            )
+        if saved.get("seed") != now["seed"]:
+            changes.append(f"data.seed: saved {saved.get('seed')}, now {now['seed']}")
+        saved_batching = saved.get("batching") if isinstance(saved.get("batching"), dict) else {}
+        for key, value in now["batching"].items():
+            if saved_batching.get(key) != value:
+                name = "the batching window" if key == "window" else f"data.{key}"  # window: not a setting
+                changes.append(f"{name}: saved {saved_batching.get(key)}, now {value}")
+        changes += _shard_set_changes(saved.get("shards"), now["shards"], self.dataset.cfg.shards)
+        return changes
+
+    def _legacy_changes(self, state: dict) -> list[str]:
+        """A position saved before plans were fingerprinted: only what it recorded can be compared; the
+        rest (shards, batch settings) is assumed unchanged, with a warning."""
+        cfg, changes = self.dataset.cfg, []
+        if state["world_size"] != self.dataset.world_size:
+            changes.append(
+                f"world size: saved {state['world_size']} ranks, now {self.dataset.world_size} (a resume needs "
+                "the same number of ranks)"
+            )
+        if state["seed"] != cfg.seed:
+            changes.append(f"data.seed: saved {state['seed']}, now {cfg.seed}")
+        weights = None if cfg.weights is None else list(cfg.weights)
+        if state.get("weights") != weights:
+            changes.append(f"data.weights: saved {state.get('weights')}, now {weights}")
+        saved_fraction = state.get("clone_references", 0.0)
+        if saved_fraction != cfg.clone_references:
+            changes.append(f"data.clone_references: saved {saved_fraction}, now {cfg.clone_references}")
+        if not changes:
+            log.warning(
+                "%s was saved by an older higgs-ds without a fingerprint of its epoch plan: its shards and "
+                "batch settings cannot be checked and are assumed unchanged (data.shards, data.batch_size, "
+                "data.max_tokens, data.max_length must be those of the run that saved it)",
+                state.get("file") or "the saved data position",
+            )
+        return changes
+
+
+def _shard_set_changes(saved, now: list[dict], dirs: list[str]) -> list[str]:
+    if not isinstance(saved, list) or len(saved) != len(now):
+        count = len(saved) if isinstance(saved, list) else saved
+        return [f"data.shards: saved {count} directories, now {len(now)}"]
+    changes = []
+    for j, (old, new) in enumerate(zip(saved, now)):
+        if old != new:
+            described = old if not isinstance(old, dict) else _describe_set(old)
+            changes.append(
+                f"data.shards[{j}] ({dirs[j]}): saved {described}, now {_describe_set(new)} (its index.json "
+                "changed: other shards, counts or lengths)"
+            )
+    return changes
+
+
+def _describe_set(fp: dict) -> str:
+    return f"{fp.get('shards')} shards / {fp.get('samples')} samples, index sha256 {str(fp.get('sha256'))[:12]}"
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:
