@@ -22,6 +22,7 @@ arguments (see `cli_data_config`); any other dataset goes through SWIFT's own lo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import multiprocessing
@@ -44,7 +45,7 @@ from higgs_ds.callbacks import DenseLogCallback, StopRequestCallback, Throughput
 from higgs_ds.checkpoint import latest_complete, read_data_state, stop_files, write_data_state
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import DataConfig, EpochDataLoader, ShardStream
-from higgs_ds.errors import UserError
+from higgs_ds.errors import UserError, exit_on_user_error
 from higgs_ds.evaluation import AudioSamples, EvalConfig, eval_data_config
 from higgs_ds.loss import LossConfig, higgs_loss, target_counts
 from higgs_ds.model_patches import (
@@ -55,9 +56,13 @@ from higgs_ds.model_patches import (
     check_audio_side,
     patch_for_training,
 )
+from higgs_ds.model_trust import NOT_A_DIRECTORY, check_model_dir, forbid_remote_code
+from higgs_ds.safe_io import atomic_write_text, is_secret_key, redact
 from higgs_ds.shard_reader import codec_mismatches, load_index
 from higgs_ds.shard_writer import INDEX_NAME
 
+# Before SWIFT loads anything: no config, tokenizer or model may run code of its own (see model_trust).
+forbid_remote_code()
 logger = get_logger()
 MODEL_TYPE = TEMPLATE_TYPE = "higgs_audio"
 
@@ -422,13 +427,14 @@ def cli_loss_config(num_codebooks: int) -> LossConfig:
 
 
 def _user_errors_exit(method):
-    """Run a hooked SwiftSft step; a UserError ends the process with its message, not a traceback."""
+    """Run a hooked SwiftSft step; a UserError ends the process with the policy's one line and exit 2,
+    not a traceback (the step runs inside SWIFT's main, or HiggsSft's under `higgs-ds train`)."""
 
     def hooked(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except UserError as err:
-            raise SystemExit(f"higgs-ds: error: {err}") from None
+            raise exit_on_user_error(err) from None
 
     hooked.__name__ = hooked.__qualname__ = method.__name__
     hooked.higgs_ds_hook = True
@@ -477,9 +483,30 @@ def _install_cli_hooks() -> None:
 
     SwiftSft._prepare_model_tokenizer = _prepare_model_tokenizer
     SwiftSft._prepare_dataset = _prepare_dataset
+    # the rest of the pipeline (trainer, training loop): a UserError there ends the same way
+    SwiftSft.run = _user_errors_exit(SwiftSft.run)
 
 
 _install_cli_hooks()
+
+
+def configure_single_process(use_deepspeed: bool) -> None:
+    """A run started without torchrun (`higgs-ds train CONFIG` on a laptop, `swift sft` without
+    NPROC_PER_NODE) is one rank of one. DeepSpeed still initialises a process group, and without torchrun's
+    environment it goes looking for MPI (mpi4py, absent); give it the environment of a one-process torchrun
+    on a free local port instead."""
+    if not use_deepspeed or any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return
+    if multiprocessing.parent_process() is not None:
+        return  # a dataloader worker re-importing the plugin
+    import socket
+
+    with socket.socket() as s:  # a free port, so two single-process runs on one host do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    os.environ.update(env)
+    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 def configure_cpu_ranks(use_deepspeed: bool) -> None:
@@ -498,10 +525,14 @@ def configure_cpu_ranks(use_deepspeed: bool) -> None:
 
 
 def _reuse_cpu_state_in_training_args() -> None:
-    """`--ddp_backend gloo --accelerator_config '{"use_configured_state": true}'` for a `swift sft` run
-    on a CPU-only host, given for the user: SftArguments builds the trainer's arguments (and sets up their
-    devices) right after importing the plugin, through TrainerFactory.get_training_args."""
+    """`--ddp_backend gloo --accelerator_config '{"use_configured_state": true}'`, given for the user, when
+    configure_cpu_ranks made the gloo state (several CPU ranks), and only then: with one process there is no
+    state to reuse and accelerate refuses the flag. SftArguments builds the trainer's arguments (and sets up
+    their devices) through TrainerFactory.get_training_args, after importing the plugin (`swift sft`) or
+    after run_training made the state (`higgs-ds train`)."""
     swift_get_training_args = TrainerFactory.get_training_args
+    if getattr(swift_get_training_args, "higgs_ds_hook", False):
+        return  # the plugin imported twice (by path and as higgs_ds.swift_plugin)
 
     def get_training_args(cls, args):
         from accelerate import PartialState
@@ -515,29 +546,129 @@ def _reuse_cpu_state_in_training_args() -> None:
                 args.accelerator_config = dict(config, use_configured_state=True)
         return swift_get_training_args(args)
 
+    get_training_args.higgs_ds_hook = True
     TrainerFactory.get_training_args = classmethod(get_training_args)
 
 
-def _refuse_model_code(argv: list[str]) -> None:
-    """SWIFT reads the model's config with trust_remote_code=True while parsing its arguments (after this
-    import): refuse a model directory that ships code, as `higgs-ds train` does."""
-    model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
-    if "--model" in argv[:-1]:
-        model = argv[argv.index("--model") + 1]
-    config = Path(model or "", "config.json")
-    if model and config.is_file() and "auto_map" in json.loads(config.read_text()):
-        raise SystemExit(
-            f"higgs-ds: error: {config} has an auto_map (custom model code); higgs-ds runs only "
-            "boson_multimodal's own classes: remove auto_map from the config"
-        )
+_reuse_cpu_state_in_training_args()
+
+
+def _guard_swift_model_loading() -> None:
+    """Every model SWIFT resolves (`--model`, and HiggsSft's) passes get_model_info_meta, which resolves the
+    path (downloading a hub id) and then reads its config with trust_remote_code=True. There: a hub id is
+    refused (higgs-ds never downloads), a local directory goes through check_model_dir before anything in
+    it is read; and SWIFT's hub downloads are refused wherever else they are asked for. This runs inside
+    SWIFT's argument parsing, so a refusal ends the process with the policy's line and exit code 2."""
+    from swift.hub import hub
+    from swift.model import model_meta
+
+    resolve = model_meta.safe_snapshot_download
+    if getattr(resolve, "higgs_ds_hook", False):
+        return
+
+    def local_model_dir(model_id_or_path, *args, **kwargs):
+        try:
+            check_model_dir(model_id_or_path)
+        except UserError as err:
+            raise exit_on_user_error(err) from None
+        return resolve(model_id_or_path, *args, **kwargs)
+
+    def no_download(cls, model_id_or_path=None, *args, **kwargs):
+        err = UserError(f"model {model_id_or_path} is not a local directory; {NOT_A_DIRECTORY}")
+        raise exit_on_user_error(err)
+
+    local_model_dir.higgs_ds_hook = True
+    model_meta.safe_snapshot_download = local_model_dir
+    for hub_class in (hub.MSHub, hub.HFHub):
+        hub_class.download_model = classmethod(no_download)
+
+
+_guard_swift_model_loading()
+
+
+def _pickled_without_credentials(cls) -> None:
+    """HF/SWIFT write `torch.save(trainer.args)` as training_args.bin into every checkpoint (and into a Hub
+    push): pickling these arguments leaves credentials out (hub_token and the like become None, token-like
+    values elsewhere '<redacted>'), while the live object keeps them for the push itself. Copies in memory
+    (copy/deepcopy, which would go through the same pickling hook) stay whole."""
+    if cls.__dict__.get("higgs_ds_redacted_pickle", False):
+        return
+
+    def __getstate__(self):
+        return {
+            key: None if is_secret_key(key) and isinstance(value, str) else redact(value)
+            for key, value in self.__dict__.items()
+        }
+
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    cls.__getstate__, cls.__copy__, cls.__deepcopy__ = __getstate__, __copy__, __deepcopy__
+    cls.higgs_ds_redacted_pickle = True
+
+
+def _save_swift_args_redacted() -> None:
+    """SWIFT's args.json (output_dir, copied into every checkpoint) and its copy of a `swift sft CONFIG.yaml`
+    are written with credentials redacted (SWIFT itself drops only keys containing '_token'), atomically."""
+    from swift.arguments import BaseArguments
+    from swift.utils import check_json_format, is_master
+
+    if getattr(BaseArguments.save_args, "higgs_ds_hook", False):
+        return
+
+    def save_args(self, output_dir=None) -> None:
+        if not is_master():
+            return
+        output_dir = output_dir or self.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "args.json")
+        logger.info(f"The {self.__class__.__name__} will be saved in: {path} (credentials redacted)")
+        text = json.dumps(redact(check_json_format(self.__dict__)), ensure_ascii=False, indent=2)
+        atomic_write_text(path, text)
+        config_file = os.getenv("SWIFT_CONFIG_FILE")
+        if config_file:
+            _copy_config_redacted(config_file, output_dir)
+
+    save_args.higgs_ds_hook = True
+    BaseArguments.save_args = save_args
+
+
+def _copy_config_redacted(config_file: str, output_dir: str) -> None:
+    import yaml
+
+    text = Path(config_file).read_text(encoding="utf-8")
+    values = yaml.safe_load(text)  # SWIFT has read it already: JSON or YAML
+    clean = redact(values)
+    if clean != values:
+        text = json.dumps(clean, indent=2) if config_file.endswith(".json") else yaml.safe_dump(clean, sort_keys=False)
+    atomic_write_text(Path(output_dir) / Path(config_file).name, text)
+
+
+def _keep_credentials_out_of_checkpoints() -> None:
+    from swift.arguments import BaseArguments
+    from transformers import TrainingArguments
+
+    _pickled_without_credentials(TrainingArguments)  # the base of SWIFT's Seq2SeqTrainingArguments
+    _pickled_without_credentials(BaseArguments)
+    _save_swift_args_redacted()
+
+
+_keep_credentials_out_of_checkpoints()
 
 
 if __name__ != "higgs_ds.swift_plugin":
     # Imported by path through `swift sft --external_plugins`, while SWIFT parses its arguments and
     # before it builds the trainer's: the one moment the gloo state can be made for it.
-    _refuse_model_code(sys.argv)
+    configure_single_process("--deepspeed" in sys.argv)
     configure_cpu_ranks("--deepspeed" in sys.argv)
-    _reuse_cpu_state_in_training_args()
 
 
 def save_probe(trainer, cfg) -> None:
@@ -634,11 +765,6 @@ def swift_argv(cfg) -> list[str]:
         )
     if cfg.deepspeed:
         args["deepspeed"] = cfg.deepspeed
-    if not torch.cuda.is_available():
-        args["ddp_backend"] = "gloo"
-        # transformers 4.46 builds accelerate's state with no backend on a CPU-only host and counts one
-        # process; reuse the gloo state made in run_training instead.
-        args["accelerator_config"] = '{"use_configured_state": true}'
     args.update(cfg.swift)
     argv = []
     for key, value in args.items():
@@ -654,6 +780,7 @@ def run_training(cfg) -> dict:
     HiggsAudioTrainer.sample_log = (
         os.path.join(cfg.output_dir, "samples_rank{rank}.jsonl") if cfg.log_sample_ids else None
     )
+    configure_single_process(bool(cfg.deepspeed))
     configure_cpu_ranks(bool(cfg.deepspeed))
     if int(os.environ.get("RANK", "0")) == 0:
         # HF's trainer states the run's size on INFO, under the warning level SWIFT leaves it at; among

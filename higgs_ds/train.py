@@ -1,6 +1,8 @@
-"""`higgs-ds train CONFIG [--key value ...]`: one training run, under torchrun (one process per device).
+"""`higgs-ds train CONFIG [--key value ...]`: one training run, under torchrun (one process per device),
+or started directly as a single process (a laptop, one GPU; with or without a DeepSpeed config).
 
     torchrun --nproc_per_node 2 -m higgs_ds.train configs/demo.toml --max_steps 40
+    higgs-ds train configs/demo.toml --max_steps 40          # one process
 
 The config chooses the model directory, the shard directories, the DeepSpeed config, the optimisation
 settings and the output directory; any ms-swift training argument not covered here goes in [swift].
@@ -8,7 +10,6 @@ settings and the output directory; any ms-swift training argument not covered he
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from pathlib import Path
 
 from higgs_ds.config import ConfigError, describe, load_config, to_dict
 from higgs_ds.dataloader import DataConfig
-from higgs_ds.errors import EXIT_CODES_HELP, report
+from higgs_ds.errors import EXIT_CODES_HELP, UserError, report
 from higgs_ds.evaluation import EvalConfig
 from higgs_ds.loss import LossConfig
+from higgs_ds.model_trust import check_model_dir
 from higgs_ds.safe_io import atomic_write_json, redact
 
 
@@ -85,7 +87,9 @@ class TrainConfig:
 
 HELP = f"""usage: higgs-ds train CONFIG.toml|CONFIG.yaml [--key value ...]
 
-Train Higgs-Audio v2 through ms-swift with DeepSpeed. Run it under torchrun (launch/torchrun.sh).
+Train Higgs-Audio v2 through ms-swift with DeepSpeed. Run it under torchrun (launch/torchrun.sh) for
+several devices or nodes, or directly for one process. The model directory must be local and carry no code
+(no Python files, no auto_map): nothing from a model directory is executed.
 Settings come from the config file (TOML, or YAML when named .yaml/.yml), overridden by --key value
 (nested: --data.batch_size 8).
 
@@ -101,14 +105,9 @@ def resolve_config(path: str | None, overrides: list[str]) -> TrainConfig:
     cfg = load_config(TrainConfig, path, overrides)
     if not cfg.model:
         raise ConfigError('no model directory: set `model = "..."` in the config or pass --model DIR')
-    if not Path(cfg.model, "config.json").is_file():
-        raise ConfigError(f"model directory {cfg.model} has no config.json")
-    if "auto_map" in json.loads(Path(cfg.model, "config.json").read_text()):
-        # ms-swift reads configs with trust_remote_code=True; refuse code shipped with a model directory.
-        raise ConfigError(
-            f"{cfg.model}/config.json has an auto_map (custom model code); higgs-ds runs only "
-            "boson_multimodal's own classes: remove auto_map from the config"
-        )
+    # A local directory that carries no code (ms-swift reads configs with trust_remote_code=True; the
+    # plugin also makes remote code impossible in the process, see higgs_ds.model_trust).
+    check_model_dir(cfg.model)
     if not cfg.data.shards:
         raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
     cfg.eval.check()
@@ -130,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     path, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
     try:
         cfg = resolve_config(path, rest)
-    except ConfigError as err:
-        return report(err)
-    from higgs_ds import swift_plugin  # heavy imports only once the config is known to be good
+        from higgs_ds import swift_plugin  # heavy imports only once the config is known to be good
 
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        # the resolved config, credentials redacted ([swift] hub_token and the like never reach a file)
-        atomic_write_json(Path(cfg.output_dir) / "higgs_ds_config.json", redact(to_dict(cfg)))
-    swift_plugin.run_training(cfg)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            # the resolved config, credentials redacted ([swift] hub_token and the like never reach a file)
+            atomic_write_json(Path(cfg.output_dir) / "higgs_ds_config.json", redact(to_dict(cfg)))
+        swift_plugin.run_training(cfg)
+    except UserError as err:  # ConfigError included; one line and exit 2 on every rank that hits it
+        return report(err)
     return 0
 
 
