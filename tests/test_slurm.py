@@ -190,6 +190,36 @@ def test_a_failed_step_after_usr1_fails_the_job_without_a_requeue(slurm, tmp_pat
     assert not (REPO / f".higgs-ds-stop-{job}").exists()  # the default stop file, removed on the way out
 
 
+@pytest.mark.timeout(300)
+def test_the_job_counts_its_gpus_derives_a_port_and_keeps_preflights_exit_code(slurm, tmp_path):
+    # A stand-in GPU tool lists 8 GPUs on every node, CUDA_VISIBLE_DEVICES (exported by sbatch, as SLURM sets
+    # it for an allocation) allows 2: preflight and torchrun must both plan 2 processes per node.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: Fake GPU"; done\n')
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    python = _stub(tmp_path, 'say "$*"\nif [ "$3" = preflight ]; then exit "${PREFLIGHT_EXIT:-0}"; fi\n')
+    env = dict(_env(python), PREFLIGHT="1", CUDA_VISIBLE_DEVICES="0,2", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    del env["NPROC_PER_NODE"]
+
+    job, log = _submit(slurm, tmp_path, ["configs/demo.toml"], env, "gpus")
+    assert slurm.wait(job, timeout=120) == "COMPLETED", _report(slurm, job, log)
+    text = log.read_text()
+    assert "stub on node1: -m higgs_ds.cli preflight configs/demo.toml --nodes 2 --gpus-per-node 2" in text, text
+    port = re.search(r"rendezvous node1:(\d+),", text)
+    assert port and 10000 <= int(port.group(1)) <= 32767, text
+    for rank, node in enumerate(("node1", "node2")):
+        want = f"stub on {node}: -m torch.distributed.run --nnodes 2 --nproc_per_node 2 --node_rank {rank} "
+        assert want + f"--master_addr node1 --master_port {port.group(1)} -m higgs_ds.train" in text, text
+
+    # preflight's exit code is the job's (2: a user error), and nothing is started
+    job, log = _submit(slurm, tmp_path, ["configs/demo.toml"], dict(env, PREFLIGHT_EXIT="2"), "refused")
+    assert slurm.wait(job, timeout=120) == "FAILED", _report(slurm, job, log)
+    assert slurm.job(job)["ExitCode"] == "2:0", _report(slurm, job, log)
+    text = log.read_text()
+    assert "preflight refused the run" in text and "torch.distributed.run" not in text, text
+
+
 def _samples(out: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (out / f"samples_rank{rank}.jsonl").read_text().splitlines()]
 
