@@ -340,17 +340,25 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _publish_dir(tmp: Path, out: Path) -> None:
-    """Put the fsynced folder `tmp` at `out`; an old export there is removed only once the new one is in place."""
+    """Put the fsynced folder `tmp` at `out`; an old export there is removed only once the new one is in place.
+    If `out` changed since it was checked, `tmp` is removed and whatever is at `out` stays."""
+    changed = ExportError(f"{out} changed during the export (another process wrote there); it is left as it is")
     if not os.path.lexists(out) or not any(os.scandir(out)):
-        os.rename(tmp, out)  # onto nothing or an empty folder; fails if the folder filled up meanwhile
+        try:
+            os.rename(tmp, out)  # onto nothing or an empty folder; fails if the folder filled up meanwhile
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise changed from None
         fsync_dir(out.parent)
         return
-    old = out.with_name(f".{out.name}.old.{os.getpid()}.{secrets.token_hex(8)}")
-    if _exchange(tmp, out):
-        old = tmp
-    else:
-        os.rename(out, old)
-        os.rename(tmp, out)
+    try:
+        swapped = _exchange(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = tmp if swapped else out.with_name(f".{out.name}.old.{os.getpid()}.{secrets.token_hex(8)}")
+    if not swapped:
+        _rename_twice(tmp, out, old)
     fsync_dir(out.parent)
     problem = _previous_export_problem(old)
     if problem:  # someone changed --out since it was checked: keep what they put there
@@ -358,6 +366,21 @@ def _publish_dir(tmp: Path, out: Path) -> None:
             f"{out} changed during the export ({problem}); the new export is at {out}, what was there is kept at {old}"
         )
     shutil.rmtree(old)
+
+
+def _rename_twice(tmp: Path, out: Path, old: Path) -> None:
+    """Where RENAME_EXCHANGE is missing: out -> old, tmp -> out; on a failure, `out` is put back as it was."""
+    try:
+        os.rename(out, old)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _leftovers(out: Path) -> list[Path]:
@@ -403,10 +426,10 @@ def export(
             _build(ckpt, tmp, dtype, merge_lora, base)
             _fsync_tree(tmp)
             _check_out_contents(out)  # again: consolidation takes minutes
-            _publish_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
             raise
+        _publish_dir(tmp, out)  # from here `tmp` may hold the old export: removed only once checked
     return out
 
 

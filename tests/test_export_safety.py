@@ -209,6 +209,27 @@ def test_a_crash_between_the_fallback_renames_is_recovered_by_the_next_export(ru
 
 
 @pytest.mark.timeout(300)
+def test_a_file_put_into_the_old_export_while_exporting_is_kept(run, tmp_path, monkeypatch):
+    import higgs_ds.export as export_module
+
+    out = tmp_path / "exported"
+    _export(run, out)
+    real_exchange = export_module._exchange
+
+    def user_writes_first(a, b):  # after the last check, just before the swap
+        (out / "my_notes.txt").write_text("written during the export")
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(export_module, "_exchange", user_writes_first)
+    with pytest.raises(UserError) as err:
+        _export(run, out, dtype="bfloat16")
+
+    kept = [p for p in tmp_path.glob(".exported.*") if (p / "my_notes.txt").is_file()]
+    assert len(kept) == 1 and str(kept[0]) in str(err.value)
+    assert (kept[0] / "my_notes.txt").read_text() == "written during the export"
+
+
+@pytest.mark.timeout(300)
 def test_an_export_that_fails_midway_leaves_the_previous_export_whole(run, tmp_path, monkeypatch):
     import higgs_ds.export as export_module
 
