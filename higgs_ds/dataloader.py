@@ -290,6 +290,7 @@ class LoaderTimeout(UserError):
     """A dataloader worker gave no batch within data.loader_timeout."""
 
 
+_BATCHING_DEFAULTS = json.loads(json.dumps(dataclasses.asdict(BatchingConfig())))
 _TORCH_TIMEOUT = "DataLoader timed out"  # how torch's RuntimeError for `timeout` begins
 
 
@@ -418,9 +419,11 @@ class EpochDataLoader(torch.utils.data.DataLoader):
             changes.append(f"data.seed: saved {saved.get('seed')}, now {now['seed']}")
         saved_batching = saved.get("batching") if isinstance(saved.get("batching"), dict) else {}
         for key, value in now["batching"].items():
-            if saved_batching.get(key) != value:
+            # a setting added after the position was saved had its default value then
+            before = saved_batching.get(key, _BATCHING_DEFAULTS[key])
+            if before != value:
                 name = "the batching window" if key == "window" else f"data.{key}"  # window: not a setting
-                changes.append(f"{name}: saved {saved_batching.get(key)}, now {value}")
+                changes.append(f"{name}: saved {before}, now {value}")
         changes += _shard_set_changes(saved.get("shards"), now["shards"], self.dataset.cfg.shards)
         return changes
 
