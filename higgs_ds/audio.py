@@ -1,7 +1,9 @@
 """Stage 2 of the data flow: an audio file -> a mono float32 waveform at the codec's rate (24 kHz).
 
 libsndfile (through soundfile) reads wav, flac, ogg/vorbis/opus and mp3, at any rate and channel count;
-anything it cannot open is tried once more through librosa's audioread/ffmpeg backend. Resampling is
+anything it cannot open is tried once more through audioread (the standard library's wave/aifc/sunau
+readers, and ffmpeg where it is installed). Both decode block by block into mono and stop at
+max_seconds + 1 s, so no file, whatever its header says, holds more than that in memory. Resampling is
 soxr's high-quality mode. Every failure raises AudioError with a reason a person can act on; the shard
 builder records it. Silence is valid audio (pauses, breaths) and is accepted; NaN or infinite samples,
 truncated files and clips shorter than `min_seconds` are not.
@@ -23,6 +25,8 @@ from higgs_ds.errors import UserError
 _WAV_DATA_CLAIM = re.compile(r"^data : (\d+) \(should be (\d+)\)", re.MULTILINE)
 _STREAMING_SIZE = 0x7FFF0000  # pipes write a placeholder size this large or larger: unknown, not truncated
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile's "length unknown"
+_MAX_RATE = 768_000  # the highest rate audio interfaces record; a header beyond it is broken or hostile
+_BLOCK_SAMPLES = 1 << 20  # samples (frames x channels) decoded at a time: 4 MiB of float32
 
 
 class AudioError(UserError):
@@ -59,6 +63,48 @@ def _truncated(detail: str, path: str) -> AudioError:
     return AudioError(f"audio file is truncated ({detail}; copy or export it again): {path}")
 
 
+class _Bounded:
+    """Collects a decoder's blocks as mono float32 and stops once the file proves longer than the limit.
+
+    Both decoders go through here, so neither ever holds more than max_seconds + 1 s of mono audio (plus one
+    block), whatever the file announces: a small file that decodes to hours (a hostile header, a stream
+    without a length, a sparse file) is rejected after reading just over the limit."""
+
+    def __init__(self, path: str, sr: int, channels: int, max_seconds: float | None):
+        if not 0 < sr <= _MAX_RATE:
+            raise AudioError(
+                f"audio header declares a sample rate of {sr} Hz (readable: 1 to {_MAX_RATE} Hz); "
+                f"re-encode it as WAV or FLAC: {path}"
+            )
+        if channels < 1:
+            raise AudioError(f"audio header declares {channels} channels; re-encode it as WAV or FLAC: {path}")
+        self.path, self.sr, self.channels, self.max_seconds = path, sr, channels, max_seconds
+        # one frame more than max_seconds + 1 s: reaching it proves the file too long, whatever remains
+        self.limit = None if max_seconds is None else int((max_seconds + 1.0) * sr) + 1
+        self.block_frames = max(1, _BLOCK_SAMPLES // channels)  # a block's samples, not frames, are bounded
+        self.frames = 0
+        self._parts: list[np.ndarray] = []
+
+    def add(self, block: np.ndarray) -> bool:
+        """Add a (frames, channels) block; False once the limit is reached (stop decoding)."""
+        if self.limit is not None:
+            block = block[: self.limit - self.frames]
+        self._parts.append(block.mean(axis=1, dtype=np.float32) if self.channels > 1 else block[:, 0].copy())
+        self.frames += len(block)
+        return self.limit is None or self.frames < self.limit
+
+    def over_long(self) -> bool:
+        return self.limit is not None and self.frames >= self.limit
+
+    def wave(self) -> np.ndarray:
+        if self.over_long():
+            raise AudioError(
+                f"audio is longer than {self.frames / self.sr:.1f} s (decoding stopped there), over --max-seconds "
+                f"{self.max_seconds:g} (cut it shorter): {self.path}"
+            )
+        return np.concatenate(self._parts) if self._parts else np.zeros(0, np.float32)
+
+
 def _read_sndfile(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
@@ -70,14 +116,34 @@ def _read_sndfile(path: str, max_seconds: float | None) -> tuple[np.ndarray, int
         claim = _WAV_DATA_CLAIM.search(f.extra_info)
         if claim and _STREAMING_SIZE > int(claim[1]) > int(claim[2]):
             raise _truncated(f"the header announces {claim[1]} bytes of audio, only {claim[2]} are there", path)
-        # a hostile file may not announce its length: never decode more than max_seconds + 1 s of it
-        limit = -1 if max_seconds is None else int((max_seconds + 1.0) * sr) + 1
-        data = f.read(limit, dtype="float32", always_2d=True)
-    if limit > 0 and len(data) == limit:
-        raise _over_long(max(announced if known else 0, limit) / sr, max_seconds, path)
-    if known and len(data) < announced * 0.98 - 2304:  # an mp3 decoder stops early on a cut stream (2 frames slack)
-        raise _truncated(f"{announced / sr:.2f} s announced, {len(data) / sr:.2f} s decodable", path)
-    return data.mean(axis=1), sr
+        # a hostile file may not announce its length (or lie about it): never decode more than the limit
+        out = _Bounded(path, sr, int(f.channels), max_seconds)
+        while True:
+            block = f.read(out.block_frames, dtype="float32", always_2d=True)
+            if not len(block) or not out.add(block):
+                break
+    wave = out.wave()
+    if known and len(wave) < announced * 0.98 - 2304:  # an mp3 decoder stops early on a cut stream (2 frames slack)
+        raise _truncated(f"{announced / sr:.2f} s announced, {len(wave) / sr:.2f} s decodable", path)
+    return wave, sr
+
+
+def _read_fallback(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """audioread: the standard library's wave/aifc/sunau readers, and ffmpeg where it is installed. It yields
+    16-bit little-endian interleaved PCM in buffers that need not end on a frame (ffmpeg's do not)."""
+    import audioread
+
+    with audioread.audio_open(path) as f:
+        out = _Bounded(path, int(f.samplerate), int(f.channels), max_seconds)
+        frame_bytes, pending = 2 * out.channels, b""
+        for buf in f:
+            pending += buf
+            whole = len(pending) - len(pending) % frame_bytes
+            block = np.frombuffer(pending[:whole], dtype="<i2").reshape(-1, out.channels)
+            pending = pending[whole:]
+            if not out.add(block.astype(np.float32) / 32768.0):
+                break  # closing the file stops the decoder (ffmpeg's process is killed)
+    return out.wave(), out.sr
 
 
 def _decode(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
@@ -91,13 +157,12 @@ def _decode(path: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
         first_error = first_error.replace(
             "File does not exist or is not a regular file (possibly a pipe?).", "bad header"
         )
-    try:  # formats libsndfile lacks (m4a, wma, ...), through audioread/ffmpeg
-        import librosa
-
+    try:  # formats libsndfile lacks (m4a, wma, ...), bounded like libsndfile's path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data, sr = librosa.load(path, sr=None, mono=True, duration=None)
-        return data.astype(np.float32), int(sr)
+            return _read_fallback(path, max_seconds)
+    except AudioError:
+        raise
     except Exception as err:  # noqa: BLE001
         fallback = "not installed" if type(err).__name__ == "NoBackendError" else f"{type(err).__name__}: {err}"
         raise AudioError(

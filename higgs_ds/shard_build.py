@@ -17,9 +17,13 @@ Audio is decoded, resampled to 24 kHz and encoded once here, so training never t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -29,8 +33,9 @@ import numpy as np
 
 from higgs_ds.audio import AudioError, load_audio
 from higgs_ds.codec import sha256_file
-from higgs_ds.errors import UserError
+from higgs_ds.errors import CheckFailed, UserError
 from higgs_ds.manifest import ManifestSample, Reject, audio_items, check_manifest_path, iter_manifests, manifest_lines
+from higgs_ds.safe_io import DirLock, atomic_write_text, fsync_dir, publish, temp_path
 from higgs_ds.shard_writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
 
 
@@ -240,29 +245,237 @@ def _chunks(manifests, start: int, end: int, size: int):
         yield chunk
 
 
+# ---------------------------------------------------------------- what a resume must match
+
+JOURNAL_FORMAT = "higgs-ds shard build journal"
+JOURNAL_VERSION = 2
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def build_fingerprint(manifests: list[str], codec_provenance: dict, cfg: BuildConfig, total: int, tokenizer) -> dict:
+    """Everything that decides the bytes a build writes: the manifests' content (and where they are: audio
+    paths are relative to them), the codec, the settings that change which samples go where, the tokenizer.
+    Left out, because the output does not depend on them: --workers and the chunking (results are ordered),
+    --codec-batch (batched codes equal one-at-a-time codes, tests/test_codec.py), --fast-fail (it only says
+    where a build stops), the device, and the codec's folder (its weights' sha256 is the codec's identity)."""
+    return {
+        "manifests": [{"path": str(Path(m).resolve()), "sha256": sha256_file(m)} for m in manifests],
+        "codec": {k: v for k, v in sorted(codec_provenance.items()) if k != "codec_path"},
+        "settings": {
+            "inputs": total,
+            "slice": [cfg.slice_index, cfg.num_slices],
+            "max_seconds": cfg.max_seconds,
+            "max_sample_seconds": cfg.max_sample_seconds,
+            "shard_samples": cfg.shard_samples,
+            "shard_bytes": cfg.shard_bytes,
+            "min_shards": cfg.min_shards,
+        },
+        "tokenizer": tokenizer,
+    }
+
+
+def inputs_digest(fingerprint: dict) -> str:
+    """One hash of a fingerprint without the slice number: the slices of one job array share it."""
+    settings = {k: v for k, v in fingerprint["settings"].items() if k != "slice"}
+    same = dict(fingerprint, settings=settings, slices=fingerprint["settings"]["slice"][1])
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _flat(val, f"{prefix}.{key}" if prefix else key).items()}
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        return {k: v for i, val in enumerate(obj) for k, v in _flat(val, f"{prefix}[{i}]").items()}
+    return {prefix: obj}
+
+
+def fingerprint_changes(before: dict, now: dict) -> list[str]:
+    """'key: before -> now' for every leaf that differs (manifests, codec, settings, tokenizer)."""
+    old, new = _flat(before), _flat(now)
+    changed = [k for k in sorted(old | new) if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in changed]
+
+
+def _check_same_inputs(journal: Path, before: dict, now: dict) -> None:
+    changes = fingerprint_changes(before, now)
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise BuildError(
+            f"--resume with other inputs than the interrupted build recorded in {journal}: {shown}. "
+            "Resume with the same manifests, codec and settings, or start a fresh build in another --out directory"
+        )
+
+
+# ---------------------------------------------------------------- the journal
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class _Journal:
-    """State after each completed shard, so an interrupted build resumes after its last complete shard."""
+    """The build's fingerprint (first line), then one line per completed shard: that shard's index entry and
+    the counters after it. Written by append + fsync, one shard's line at a time (not the whole list again),
+    so an interrupted build resumes after its last complete shard and a line cut by a kill is dropped."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, pattern: str, start: int, end: int):
+        self.path, self.pattern, self.start, self.end = path, pattern, start, end
 
-    def last_state(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        states = []
-        for line in lines:
+    def create(self, fingerprint: dict) -> None:
+        header = {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, "fingerprint": fingerprint}
+        atomic_write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
+
+    def load(self) -> tuple[dict, list[dict]]:
+        """(fingerprint, states); a torn last line is cut off the file so later appends follow good lines."""
+        if not stat.S_ISREG(os.lstat(self.path).st_mode):
+            raise self._bad(0, "is not a regular file")
+        data = self.path.read_bytes()
+        lines, offset, good_end = data.split(b"\n"), 0, 0
+        header, states = None, []
+        for number, raw in enumerate(lines, start=1):
+            offset += len(raw) + 1
+            if not raw.strip():
+                continue
             try:
-                states.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a kill: everything before it is good
-        return states[-1] if states else None
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                if offset < len(data):  # only the last line can be cut by a kill
+                    raise self._bad(number, "is not JSON") from None
+                break
+            if header is None:
+                header = self._check_header(obj, number)
+            else:
+                states.append(self._check_state(obj, number, states[-1] if states else None, len(states)))
+            good_end = min(offset, len(data))
+        if header is None:
+            raise self._bad(1, "has no fingerprint line")
+        if good_end < len(data) or not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+                if not data[:good_end].endswith(b"\n"):  # a whole last line without its newline
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+                os.fsync(f.fileno())
+        return header["fingerprint"], states
 
     def append(self, state: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(state) + "\n")
+            f.write(json.dumps(state, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def _bad(self, line: int, what: str) -> BuildError:
+        where = f"{self.path}" + (f" line {line}" if line else "")
+        return BuildError(
+            f"{where} {what}: not a journal this version of higgs-ds wrote; start a fresh build in another "
+            "--out directory"
+        )
+
+    def _check_header(self, obj, line: int) -> dict:
+        ours = isinstance(obj, dict) and obj.get("format") == JOURNAL_FORMAT
+        if not (ours and isinstance(obj.get("fingerprint"), dict)):
+            raise self._bad(line, "has no fingerprint (written by an older higgs-ds?)")
+        if obj.get("version") != JOURNAL_VERSION:
+            raise self._bad(line, f"is journal version {obj.get('version')!r}, this higgs-ds reads {JOURNAL_VERSION}")
+        return obj
+
+    def _check_state(self, obj, line: int, previous: dict | None, position: int) -> dict:
+        """One completed shard: its file name is the one this slice gives shard `position`, counters only grow."""
+        keys = {"shard", "next_ordinal", "rejects_bytes", "accepted", "rejected", "audio_seconds", "reasons"}
+        if not isinstance(obj, dict) or set(obj) != keys:
+            raise self._bad(line, f"is not a shard line (expected the keys {sorted(keys)})")
+        shard = obj["shard"]
+        if not isinstance(shard, dict) or shard.get("file") != self.pattern.format(position):
+            raise self._bad(line, f"does not name shard {self.pattern.format(position)}")
+        if not (isinstance(shard.get("sha256"), str) and _SHA256.fullmatch(shard["sha256"])):
+            raise self._bad(line, "has no sha256 for its shard")
+        if not all(_is_count(shard.get(k)) for k in ("bytes", "num_samples")):
+            raise self._bad(line, "has no byte or sample count for its shard")
+        counters = ("next_ordinal", "rejects_bytes", "accepted", "rejected")
+        if not all(_is_count(obj[k]) for k in counters) or not self.start < obj["next_ordinal"] <= self.end:
+            raise self._bad(
+                line, f"has counters that are not counts within this slice's inputs ({self.start}-{self.end})"
+            )
+        if previous and any(obj[k] < previous[k] for k in counters):
+            raise self._bad(line, "has counters smaller than the line before")
+        if not isinstance(obj["audio_seconds"], int | float) or not isinstance(obj["reasons"], dict):
+            raise self._bad(line, "has no audio seconds or reject reasons")
+        if not all(isinstance(k, str) and _is_count(v) for k, v in obj["reasons"].items()):
+            raise self._bad(line, "has reject reasons that are not counts")
+        return obj
+
+
+# ---------------------------------------------------------------- the output directory
+
+LOCK_NAME = ".build.lock"
+
+
+def lock_name(cfg: BuildConfig) -> str:
+    """One lock per slice (the slices of a job array run in parallel); a whole build and a merge share one."""
+    if cfg.num_slices == 1:
+        return LOCK_NAME
+    return f".build.slice-{cfg.slice_index:04d}-of-{cfg.num_slices:04d}.lock"
+
+
+def _shard_name_re(pattern: str) -> str:
+    head, tail = pattern.split("{:06d}")
+    return re.escape(head) + r"\d{6}" + re.escape(tail)
+
+
+def _remove_stale_temps(out: Path, pattern: str, names: list[str]) -> None:
+    """Temp files a killed build of this slice left (a half-written shard, index or rejects); under the
+    slice's lock nobody else writes them. Only names this slice's writers use are matched."""
+    own = "|".join([_shard_name_re(pattern)] + [re.escape(n) for n in names])
+    stale = re.compile(rf"\.({own})(\.\d+\.[0-9a-f]{{16}})?\.tmp")
+    for path in out.iterdir():
+        if stale.fullmatch(path.name) and stat.S_ISREG(os.lstat(path).st_mode):
+            path.unlink()
+
+
+def _check_journalled_shard(out: Path, shard: dict) -> None:
+    path = out / shard["file"]
+    hint = "start the build again in an empty --out directory"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BuildError(f"{path} is in the build journal but missing; {hint}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BuildError(f"{path} is not a regular file (a link or device?); {hint}")
+    if st.st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+        raise BuildError(f"{path} does not match its journal entry (size or sha256); {hint}")
+
+
+def _open_rejects(out: Path, rejects_name: str, state: dict | None):
+    """The rejects being written, under a working name until the build publishes them as rejects_name.
+    On resume: cut back to what the last journalled shard had seen."""
+    work, final = out / f".{rejects_name}.building", out / rejects_name
+    if state is None:
+        return open(work, "wb")
+    if not work.exists() and final.is_file():  # published, then killed before index.json was written
+        os.replace(final, work)
+    if not work.is_file() or work.stat().st_size < state["rejects_bytes"]:
+        raise BuildError(
+            f"{work} is missing or shorter than its journal says ({state['rejects_bytes']} bytes); "
+            "start the build again in an empty --out directory"
+        )
+    f = open(work, "r+b")
+    f.truncate(state["rejects_bytes"])
+    f.seek(0, os.SEEK_END)
+    return f
+
+
+def _already_complete(index_path: Path, fingerprint: dict) -> dict:
+    try:
+        summary = json.loads(index_path.read_text())["build"]
+        stored = summary.get("inputs_fingerprint")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BuildError(f"{index_path} is not an index this version wrote; use another --out directory") from None
+    if stored is not None and stored != inputs_digest(fingerprint):
+        raise BuildError(
+            f"{index_path} is a complete build of other inputs (manifests, codec or settings differ from this "
+            "command's); run the same command to resume it, or build into another --out directory"
+        )
+    return summary | {"already_complete": True}
 
 
 def build_shards(
@@ -274,50 +487,69 @@ def build_shards(
     progress: bool = True,
 ) -> dict:
     """Build this slice's shards; returns the summary (also stored in the index under "build").
-    codec_spec: 'tiny', a codec directory, or an already loaded Codec (saves loading it again)."""
-    from tqdm import tqdm
-
-    from higgs_ds.codec import resolve_codec
-
-    started = time.time()
+    codec_spec: 'tiny', a codec directory, or an already loaded Codec (saves loading it again).
+    The output directory (or the slice) is locked for the whole build: a second builder fails at once."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} is a file, not a directory")
     for manifest in manifests:
         check_manifest_path(manifest)
     out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out, lock_name(cfg), what="shard build"):
+        return _build_locked(manifests, out, codec_spec, cfg, device, progress)
+
+
+def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig, device: str, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from higgs_ds.codec import resolve_codec
+
+    started = time.time()
     pattern, index_name, rejects_name, journal_name = slice_names(cfg)
-    if (out / index_name).exists():
-        if cfg.resume:
-            return json.loads((out / index_name).read_text())["build"] | {"already_complete": True}
+    if (out / index_name).exists() and not cfg.resume:
         raise BuildError(f"{out / index_name} exists: this build is complete; use another --out directory")
-    journal = _Journal(out / journal_name)
-    state = journal.last_state() if cfg.resume else None
-    if not cfg.resume and (journal.path.exists() or list(out.glob(pattern.replace("{:06d}", "*")))):
+    has_shards = any(re.fullmatch(_shard_name_re(pattern), p.name) for p in out.iterdir())
+    if not cfg.resume and (os.path.lexists(out / journal_name) or has_shards):
         raise BuildError(f"{out} holds shards of an unfinished build; pass --resume to continue it")
+    complete = (out / index_name).exists()
+    if cfg.resume and has_shards and not complete and not os.path.lexists(out / journal_name):
+        raise BuildError(
+            f"{out} holds shards but no build journal ({journal_name}): they cannot be resumed; "
+            "start a fresh build in another --out directory"
+        )
+    _remove_stale_temps(out, pattern, [index_name, rejects_name, journal_name, f".{rejects_name}.building"])
 
     total = count_inputs(manifests)
     if total == 0:
         raise BuildError(f"no input: {', '.join(map(str, manifests))} hold no non-blank lines")
     start, end = total * cfg.slice_index // cfg.num_slices, total * (cfg.slice_index + 1) // cfg.num_slices
-    if cfg.min_shards > 1:  # small enough shards that the planned ranks x workers all get one
-        cfg = replace(cfg, shard_samples=max(1, min(cfg.shard_samples, (end - start) // cfg.min_shards)))
-
     if isinstance(codec_spec, str):
         codec = resolve_codec(codec_spec, device=device)  # the driver needs provenance; workers load their own
     else:
         codec, codec_spec = codec_spec, codec_spec.path
+    tokenizer_fingerprint = _fingerprint(cfg.tokenizer)
+    fingerprint = build_fingerprint(manifests, codec.provenance, cfg, total, tokenizer_fingerprint)
+    if complete:  # --resume of a finished build (a requeued job): done, if of these inputs
+        return _already_complete(out / index_name, fingerprint)
+
+    journal = _Journal(out / journal_name, pattern, start, end)
+    states: list[dict] = []
+    if cfg.resume and os.path.lexists(journal.path):
+        before, states = journal.load()
+        _check_same_inputs(journal.path, before, fingerprint)
+    else:
+        journal.create(fingerprint)
+    if cfg.min_shards > 1:  # small enough shards that the planned ranks x workers all get one
+        cfg = replace(cfg, shard_samples=max(1, min(cfg.shard_samples, (end - start) // cfg.min_shards)))
+
     writer = ShardWriter(out, max_samples=cfg.shard_samples, max_bytes=cfg.shard_bytes, name_pattern=pattern)
     counts = {"accepted": 0, "rejected": 0, "audio_seconds": 0.0, "reasons": Counter()}
     next_ordinal = start
+    state = states[-1] if states else None
     if state:
-        for shard in state["shards"]:
-            if sha256_file(out / shard["file"]) != shard["sha256"]:
-                raise BuildError(
-                    f"{out / shard['file']} does not match its journal entry; start the build again "
-                    f"in an empty directory"
-                )
-        writer.restore(state["shards"])
+        for entry in states:
+            _check_journalled_shard(out, entry["shard"])
+        writer.restore([entry["shard"] for entry in states])
         counts.update(
             accepted=state["accepted"],
             rejected=state["rejected"],
@@ -325,15 +557,14 @@ def build_shards(
             reasons=Counter(state["reasons"]),
         )
         next_ordinal = state["next_ordinal"]
-        with open(out / rejects_name, "r+b") as f:
-            f.truncate(state["rejects_bytes"])
-    rejects = open(out / rejects_name, "ab" if state else "wb")
+    rejects = _open_rejects(out, rejects_name, state)
 
     def on_shard(last_ordinal: int) -> None:
         rejects.flush()
+        os.fsync(rejects.fileno())  # durable before the journal says how long it is
         journal.append(
             {
-                "shards": writer.shards,
+                "shard": writer.shards[-1],
                 "next_ordinal": last_ordinal + 1,
                 "rejects_bytes": rejects.tell(),
                 "accepted": counts["accepted"],
@@ -386,16 +617,22 @@ def build_shards(
                         on_shard(ordinal)
                 bar.update(1)
             bar.set_postfix(audio_h=f"{counts['audio_seconds'] / 3600:.3f}", rejected=counts["rejected"])
+    except BaseException:
+        writer.abort()
+        rejects.close()
+        raise
     finally:
         if pool is not None:
             pool.terminate()
         bar.close()
     shards = writer.close()
+    rejects.flush()
     rejects.close()
     num_inputs = end - start
-    if counts["accepted"] + counts["rejected"] != num_inputs:  # an invariant of this function
-        raise BuildError(
-            f"accounting error: {counts['accepted']} accepted + {counts['rejected']} rejected != {num_inputs} inputs"
+    if counts["accepted"] + counts["rejected"] != num_inputs:  # an invariant of this function and the journal
+        raise CheckFailed(
+            f"accounting error in {out}: {counts['accepted']} accepted + {counts['rejected']} rejected != "
+            f"{num_inputs} inputs; start the build again in an empty --out directory"
         )
     summary = {
         "inputs": num_inputs,
@@ -408,13 +645,17 @@ def build_shards(
         "manifests": [str(m) for m in manifests],
         "slice": [cfg.slice_index, cfg.num_slices],
         "input_range": [start, end],
-        "tokenizer_fingerprint": _fingerprint(cfg.tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "inputs_fingerprint": inputs_digest(fingerprint),
     }
     if not shards and cfg.num_slices == 1:
         top = ", ".join(f"{n} x {kind}" for kind, n in counts["reasons"].most_common(3))
         raise BuildError(f"none of the {num_inputs} input lines was accepted ({top}); see {out / rejects_name}")
+    # rejects, then the index (the mark of a complete build), then the journal goes: each step durable
+    publish(out / f".{rejects_name}.building", out / rejects_name)
     write_index(out / index_name, shards, codec.provenance, summary)
     journal.path.unlink(missing_ok=True)
+    fsync_dir(out)
     if len(shards) < cfg.min_shards:
         summary["warning"] = (
             f"only {len(shards)} shards for --min-shards {cfg.min_shards} (rejects shrank the set); "
@@ -439,13 +680,35 @@ def _encode_chunk_task(args):
 
 
 def merge_slices(out_dir: str) -> dict:
-    """Combine the slice indexes (and rejects) of a job-array build into index.json and rejects.jsonl."""
+    """Combine the slice indexes (and rejects) of a job-array build into index.json and rejects.jsonl.
+    Holds the whole directory's lock and every slice's lock: refused while any slice build is running."""
     out = Path(out_dir)
+    if not out.is_dir():
+        raise BuildError(f"{out} is not a directory: nothing to merge")
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(DirLock(out, LOCK_NAME, what="shard build"))
+        for lock in sorted(out.glob(".build.slice-*.lock")):
+            locks.enter_context(DirLock(out, lock.name, what="shard build"))
+        return _merge_locked(out)
+
+
+def _read_slice_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text())
+        if not isinstance(index, dict) or not isinstance(index.get("build"), dict):
+            raise ValueError("no build summary")
+        _, num = index["build"]["slice"]
+        return index
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise BuildError(f"{path} is not a slice index of a higgs-ds build ({err}); rebuild that slice") from None
+
+
+def _merge_locked(out: Path) -> dict:
     parts = sorted(out.glob("index.slice-*-of-*.json"))
     if not parts:
         raise BuildError(f"no index.slice-*.json in {out}: nothing to merge")
     num = int(parts[0].name.split("-of-")[1].split(".")[0])
-    indexes = [json.loads(p.read_text()) for p in parts]
+    indexes = [_read_slice_index(p) for p in parts]
     found = sorted(i["build"]["slice"][0] for i in indexes)
     if found != list(range(num)) or any(i["build"]["slice"][1] != num for i in indexes):
         missing = sorted(set(range(num)) - set(found))
@@ -453,11 +716,22 @@ def merge_slices(out_dir: str) -> dict:
     codecs = {json.dumps(i["codec"], sort_keys=True) for i in indexes}
     if len(codecs) != 1:
         raise BuildError(f"the slices in {out} were built with different codecs; rebuild them with one codec")
+    inputs = {i["build"].get("inputs_fingerprint") for i in indexes}
+    if len(inputs) != 1:
+        raise BuildError(
+            f"the slices in {out} were built from different manifests or settings (their inputs fingerprints "
+            "differ); rebuild every slice with the same command"
+        )
     indexes.sort(key=lambda i: i["build"]["slice"][0])
-    with open(out / REJECTS_NAME, "wb") as merged:
-        for i in range(num):
-            part = out / f"rejects.slice-{i:04d}-of-{num:04d}.jsonl"
-            merged.write(part.read_bytes())
+    merged = temp_path(out / REJECTS_NAME)
+    try:
+        with open(merged, "wb") as f:
+            for i in range(num):
+                with open(out / f"rejects.slice-{i:04d}-of-{num:04d}.jsonl", "rb") as part:
+                    shutil.copyfileobj(part, f)
+        publish(merged, out / REJECTS_NAME)
+    finally:
+        merged.unlink(missing_ok=True)
     fingerprints = {i["build"].get("tokenizer_fingerprint") for i in indexes}
     summary = {
         "inputs": 0,
@@ -470,6 +744,7 @@ def merge_slices(out_dir: str) -> dict:
         "manifests": indexes[0]["build"]["manifests"],
         "slices": num,
         "tokenizer_fingerprint": fingerprints.pop() if len(fingerprints) == 1 else None,
+        "inputs_fingerprint": inputs.pop(),
     }
     for i in indexes:
         for key in ("inputs", "accepted", "rejected", "shards", "bytes", "audio_hours"):

@@ -19,7 +19,8 @@ On-disk layout of a shard directory (schema 1):
 A job-array build (--slice I/N) names its shards shard-IIII-NNNNNN.tar and writes index.slice-*.json and
 rejects.slice-*.jsonl until `higgs-ds shards index` merges them. Tar members get fixed metadata (mtime 0,
 fixed owner and mode), so the same input gives the same bytes. Shards are written under a temporary name
-and renamed when complete, so a shard that exists is complete.
+that no other process picks (safe_io.temp_path), fsynced, and renamed when complete (safe_io.publish), so a
+shard that exists is complete and durable; index.json is written the same way (safe_io.atomic_write_json).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 
 from higgs_ds.codec import sha256_file
 from higgs_ds.encoding import plain_tts, speaker_of
+from higgs_ds.safe_io import atomic_write_json, publish, temp_path
 
 # "speakers" and "clone_parts" were added to schema 1 as optional per-shard lists: an index written before
 # them is still read (without them, cloning references are refused with a message to rebuild)
@@ -78,7 +80,7 @@ class ShardWriter:
         import webdataset as wds
 
         name = self.name_pattern.format(len(self.shards))
-        self._tmp_path = self.out_dir / f".{name}.tmp"
+        self._tmp_path = temp_path(self.out_dir / name)
         self._file = open(self._tmp_path, "wb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="higgs", group="higgs", mode=0o444)
         self._entry = {"file": name, "num_samples": 0, "bytes": 0, "audio_seconds": 0.0}
@@ -87,8 +89,7 @@ class ShardWriter:
     def _finish(self) -> None:
         self._tar.close()
         self._file.close()
-        final = self.out_dir / self._entry["file"]
-        os.replace(self._tmp_path, final)
+        final = publish(self._tmp_path, self.out_dir / self._entry["file"])  # fsynced before it is visible
         self._entry.update(
             bytes=final.stat().st_size,
             sha256=sha256_file(final),
@@ -132,12 +133,16 @@ class ShardWriter:
             self._finish()
         return self.shards
 
+    def abort(self) -> None:
+        """Drop the shard being written (the build stopped): its temp file is removed, nothing is published."""
+        if self._tar is not None:
+            self._file.close()
+            self._tmp_path.unlink(missing_ok=True)
+            self._tar = None
+
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def write_index(path: str | os.PathLike, shards: list[dict], codec_provenance: dict, summary: dict) -> Path:
