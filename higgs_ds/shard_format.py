@@ -249,6 +249,16 @@ def shard_file_problem(shard_dir, entry: dict) -> str | None:
     return None
 
 
+def empty_shard_problem(path) -> str | None:
+    """Why a shard its index lists with 0 samples is not empty (training never opens it, so a count of 0
+    is checked here, by its first block, or samples would silently not be trained on), or None."""
+    with open_regular(path) as f:
+        first = f.read(BLOCK)
+    if first and first != _ZERO_BLOCK:
+        return f"holds tar members, its index.json says 0 samples; {INDEX_FIX}"
+    return None
+
+
 # ---------------------------------------------------------------- tar
 
 

@@ -31,6 +31,7 @@ from higgs_ds.shard_format import (
     check_sample,
     decode_codes,
     decode_json,
+    empty_shard_problem,
     group_samples,
     open_regular,
     parse_index,
@@ -57,6 +58,8 @@ def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
     index = parse_index(raw, path)
     for entry in index["shards"] if check_files else []:
         problem = shard_file_problem(shard_dir, entry)
+        if problem is None and entry["num_samples"] == 0:
+            problem = empty_shard_problem(Path(shard_dir) / entry["file"])
         if problem:
             raise ShardError(f"shard {Path(shard_dir) / entry['file']} {problem}")
     return index
