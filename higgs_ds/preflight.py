@@ -244,7 +244,15 @@ def _check_shards(cfg, model_config, hashes: bool, report: Report) -> None:
             report.wrong(str(err))
             continue
         for shard in index["shards"]:
-            path = Path(d) / shard["file"]
+            name = shard.get("file") if isinstance(shard, dict) else None
+            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+                # never follow an index out of its directory (../, /dev/zero): hashing a device never ends
+                report.wrong(
+                    f"{Path(d) / 'index.json'} lists shard {name!r}, not a file name inside {d}: rebuild the "
+                    "shards, or restore their index.json"
+                )
+                continue
+            path = Path(d) / name
             if not path.is_file():
                 report.wrong(
                     f"shard {path} is listed in its index.json but missing: rebuild it "

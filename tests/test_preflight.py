@@ -121,6 +121,21 @@ def test_preflight_refuses_with_what_to_do(damage, error, message, tiny_model_di
     assert not (tmp_path / "o").exists()  # preflight writes nothing
 
 
+@pytest.mark.timeout(600)  # the shard fixture may be built here; the check itself takes well under a second
+@pytest.mark.parametrize("name", ["/dev/zero", "../outside.tar", "sub/shard.tar", 7])
+def test_preflight_never_follows_an_index_out_of_its_directory(name, tiny_model_dir, small_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    (tmp_path / "outside.tar").write_bytes(b"x")
+    index = json.loads((shards / "index.json").read_text())
+    index["shards"][0]["file"] = name
+    (shards / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError) as raised:  # with --hashes: hashing /dev/zero would never end
+        run(str(REPO / "configs" / "demo.toml"), _args(tiny_model_dir, shards, tmp_path / "o"), 1, 2, 80, True)
+    # named by the index and the entry, whichever layer (index schema or preflight) refuses it first
+    assert str(shards / "index.json") in str(raised.value) and str(name) in str(raised.value), raised.value
+
+
 @pytest.mark.timeout(600)  # with the session's shard fixture built on a loaded 2-core box
 def test_cli_exit_codes_user_error_2_and_failed_check_1(tiny_model_dir, small_shards, tmp_path):
     """One `higgs-ds: ...` line on stderr, no traceback: 2 for a wrong input, 1 for a run that does not fit."""
