@@ -81,7 +81,6 @@ def main() -> None:
         TRANSFORMERS_OFFLINE="1",
         PYTHON=sys.executable,
         NPROC_PER_NODE=str(gpus or 2),
-        MASTER_PORT="29533",
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"),
     )
     run = subprocess.run(

@@ -229,7 +229,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value overrides, as for train")
     s.add_argument("--nodes", type=int, default=1)
     s.add_argument("--gpus-per-node", type=int, default=8, help="training processes per node")
-    s.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    s.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="GB per GPU (default: the smallest GPU present; without one an assumed 80 GB, stated in the output)",
+    )
     s.add_argument("--hashes", action="store_true", help="also re-hash every shard (reads all data)")
     s.set_defaults(func=_preflight)
 
