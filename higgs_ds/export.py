@@ -26,6 +26,7 @@ What export may touch (`--out` names a folder the user chose, so it is treated a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -115,7 +116,9 @@ def consolidated_state_dict(ckpt: Path, merge_lora: bool = False, base: str | No
     if (ckpt / "latest").is_file():  # DeepSpeed partitions: rebuild the fp32 weights on the CPU
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=_deepspeed_tag(ckpt)), ckpt
+        tag = _deepspeed_tag(ckpt)
+        with _torch_loads_run_no_code(ckpt):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag), ckpt
     weights = sorted(ckpt.glob("model*.safetensors"))
     if not weights:
         raise ExportError(f"{ckpt} holds neither DeepSpeed partitions (latest + global_step*/) nor model*.safetensors")
@@ -129,6 +132,52 @@ def consolidated_state_dict(ckpt: Path, merge_lora: bool = False, base: str | No
         except (SafetensorError, OSError) as err:
             raise ExportError(f"{w} is not a readable safetensors file ({err}): export another checkpoint") from None
     return state, ckpt
+
+
+# What DeepSpeed's partition files hold besides tensors and containers (seen in ZeRO-3 checkpoints): an enum
+# and its loss scaler's plain state. Allowed by name for torch.load(weights_only=True); nothing else is.
+_DEEPSPEED_DATA_CLASSES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+)
+
+
+@contextlib.contextmanager
+def _torch_loads_run_no_code(ckpt: Path):
+    """DeepSpeed's consolidation calls torch.load(weights_only=False) (a pickle: it can run any code). While
+    it runs, every torch.load is weights_only with the allowlist above, and a file needing more is refused."""
+    import importlib
+    import pickle
+
+    import torch
+
+    allowed = []
+    for module, name in _DEEPSPEED_DATA_CLASSES:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that class is not needed
+            pass
+    real_load = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            why = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "not tensors only")
+            raise ExportError(
+                f"{f} holds Python objects export does not load ({why[:200]}): loading it could run code. "
+                f"Export only checkpoints of your own runs; for one you trust, consolidate it with DeepSpeed's "
+                f"zero_to_fp32.py in {ckpt} (which unpickles it) instead"
+            ) from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
 
 
 def _lora_base(ckpt: Path, base: str | None) -> str:

@@ -322,6 +322,38 @@ def test_a_torn_or_lying_checkpoint_file_is_a_named_error(run, tmp_path, torn):
     assert not (tmp_path / "exported").exists()
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile DeepSpeed partition file can do."""
+
+    def __init__(self, witness: Path):
+        self.witness = witness
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.witness}'",))
+
+
+@pytest.mark.timeout(300)
+def test_a_deepspeed_partition_file_that_would_run_code_is_refused_unloaded(run, tmp_path):
+    import torch
+
+    ckpt = run / "checkpoint-2"
+    (ckpt / "model.safetensors").unlink()  # the weights are in DeepSpeed's partitions only
+    (ckpt / "global_step2").mkdir()
+    (ckpt / "latest").write_text("global_step2")
+    witness = tmp_path / "code-ran"
+    model_states = ckpt / "global_step2" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "buffer_names": [], "param_shapes": _RunsCode(witness)}, model_states)
+    torch.save({"optimizer_state_dict": {}}, ckpt / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+    with pytest.raises(UserError) as err:
+        _export(run, tmp_path / "exported")
+
+    assert str(model_states) in str(err.value) and "your own runs" in str(err.value)
+    assert not witness.exists()  # nothing was executed
+    assert not (tmp_path / "exported").exists()
+    assert torch.load.__module__ == "torch.serialization"  # torch.load is itself again afterwards
+
+
 # ------------------------------------------------------------------------------------------- demo
 
 
