@@ -51,12 +51,15 @@ def _redact_string(text: str) -> str:
     return _SECRET_VALUE.sub(REDACTED, text)
 
 
+def _is_value(v) -> bool:
+    """A credential's value: anything but unset/empty and switches (`use_auth_token = true` is no secret)."""
+    return not (v is None or isinstance(v, bool) or v == "" or v == [] or v == {})
+
+
 def redact(obj):
     """A copy of `obj` (dicts, lists, strings) with every credential value replaced by '<redacted>'."""
     if isinstance(obj, dict):
-        return {
-            k: (REDACTED if is_secret_key(str(k)) and isinstance(v, str) and v else redact(v)) for k, v in obj.items()
-        }
+        return {k: (REDACTED if is_secret_key(str(k)) and _is_value(v) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         out, hide_next = [], False
         for item in obj:  # an argv: ["--hub_token", "hf_..."]

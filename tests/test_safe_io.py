@@ -15,16 +15,17 @@ TOKEN = "hf_" + "Zq7" * 10
 def test_credentials_are_redacted_in_nested_configs_and_argvs():
     cfg = {
         "swift": {"hub_token": TOKEN, "use_auth_token": TOKEN, "WANDB_API_KEY": "k-123", "push_to_hub": True},
-        "report": {"aws_secret_access_key": "abc", "db_password": "pw", "private-key": "pem"},
+        "report": {"aws_secret_access_key": "abc", "db_password": 123456, "private-key": ["pem"]},
         "data": {"max_tokens": 4096, "tokenizer": "/models/tok", "shards": ["a", "b"]},
         "argv": ["--hub_token", TOKEN, "--learning_rate", "1e-5", f"--api_key={TOKEN}", "--save_steps=5"],
         "note": f"pushed with {TOKEN} yesterday",
     }
     out = json.dumps(redact(cfg))
-    assert TOKEN not in out and "k-123" not in out and '"abc"' not in out and '"pw"' not in out and "pem" not in out
+    assert TOKEN not in out and "k-123" not in out and '"abc"' not in out and "123456" not in out and "pem" not in out
     red = redact(cfg)
     # what is not a credential is kept as it was: counts, paths, flags, other argv values
     assert red["data"] == cfg["data"] and red["swift"]["push_to_hub"] is True
+    assert redact({"use_auth_token": True, "hub_token": None}) == {"use_auth_token": True, "hub_token": None}
     argv = ["--hub_token", REDACTED, "--learning_rate", "1e-5", f"--api_key={REDACTED}", "--save_steps=5"]
     assert red["argv"] == argv
     assert red["note"] == f"pushed with {REDACTED} yesterday"
