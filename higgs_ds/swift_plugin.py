@@ -18,6 +18,16 @@ or from ms-swift's own CLI, where `--dataset` names shard directories:
 Loaded that way (by path, under a module name SWIFT makes up), the plugin hooks SwiftSft at import: when
 every --dataset entry is a shard directory the same per-rank stream is used, built from SWIFT's own
 arguments (see `cli_data_config`); any other dataset goes through SWIFT's own loading, unchanged.
+
+On import, for both paths (see the hooks below):
+
+* no model directory runs code: transformers' remote code is replaced in the process (higgs_ds.model_trust),
+  every model SWIFT resolves goes through check_model_dir first, and a hub id is refused, never downloaded;
+* a UserError inside SWIFT's pipeline ends the process with one `higgs-ds: error:` line and exit code 2;
+* credentials never reach a checkpoint: SWIFT's args.json is written redacted, and the training arguments
+  pickle (training_args.bin) without hub_token and the like;
+* a single process trains: without torchrun it gets a one-process environment for DeepSpeed, and the
+  CPU gloo state is made (and reused by the trainer's arguments) only when there are several ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +37,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -57,7 +66,7 @@ from higgs_ds.model_patches import (
     patch_for_training,
 )
 from higgs_ds.model_trust import NOT_A_DIRECTORY, check_model_dir, forbid_remote_code
-from higgs_ds.safe_io import atomic_write_text, is_secret_key, redact
+from higgs_ds.safe_io import atomic_write_bytes, atomic_write_text, is_secret_key, redact
 from higgs_ds.shard_reader import codec_mismatches, load_index
 from higgs_ds.shard_writer import INDEX_NAME
 
@@ -268,7 +277,8 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             write_data_state(ckpt, self.args.process_index, self.args.world_size, loader.state_dict())
             run_cfg = Path(self.args.output_dir) / "higgs_ds_config.json"
             if self.args.process_index == 0 and run_cfg.is_file():  # the resolved run config travels along
-                shutil.copy2(run_cfg, Path(ckpt) / run_cfg.name)
+                # (written redacted by higgs_ds.train: no credential reaches a checkpoint)
+                atomic_write_bytes(Path(ckpt) / run_cfg.name, run_cfg.read_bytes())
         return super()._save_checkpoint(*args, **kwargs)
 
     def _load_rng_state(self, checkpoint):

@@ -63,6 +63,7 @@ def test_one_process_trains_and_saves_a_checkpoint(tmp_path, small_shards, tiny_
     else:
         assert (ckpt / "optimizer.pt").is_file() and (ckpt / "model.safetensors").is_file()
     _assert_token_nowhere(out)
+    assert TOKEN not in log
 
 
 def _assert_token_nowhere(out):
