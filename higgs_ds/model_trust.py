@@ -22,6 +22,7 @@ meant for anything else that loads a model directory: export, check-export, gene
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -118,8 +119,8 @@ def _walk(root: Path):
         if (info.st_dev, info.st_ino) in seen_dirs:
             continue  # a symlink loop, or two links to one folder
         seen_dirs.add((info.st_dev, info.st_ino))
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        try:  # never more than the bound is listed, however many entries a folder has
+            entries = sorted(itertools.islice(os.scandir(directory), MAX_ENTRIES + 1), key=lambda e: e.name)
         except OSError as err:
             raise UserError(f"model directory {directory} cannot be listed ({err}): fix its permissions") from None
         for entry in entries:
@@ -173,6 +174,11 @@ def check_model_dir(model: str | os.PathLike) -> Path:
         raise UserError(f"model directory {model} has no config.json: point `model` at a Hugging Face model folder")
     python_files, configs = [], {}
     for path, info in _walk(root):
+        if info is not None and not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+            # a FIFO or a device (a link to /dev/zero named tokenizer.json): reading it never ends
+            raise UserError(
+                f"{path} is not a regular file (a device, FIFO or socket): remove it from the model directory"
+            )
         if path.name.lower().endswith(PYTHON_SUFFIXES) or path.name == "__pycache__":
             python_files.append(path)
         elif path.name.lower().endswith(".json") and info is not None and stat.S_ISREG(info.st_mode):

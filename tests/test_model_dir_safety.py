@@ -7,6 +7,7 @@ config.4.0.0.json instead, which carries an auto_map into evil_config.py beside 
 when imported. The old guard read only config.json's top level, so SWIFT imported it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -214,6 +215,20 @@ def test_args_json_naming_plugins_and_broken_json_are_refused(tmp_path, tiny_mod
     deep.write_text("[" * 100_000 + "]" * 100_000)
     message = _refusal(model)
     assert str(deep) in message and "not valid JSON" in message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("special", ["fifo", "device"])
+def test_a_file_that_never_ends_is_refused_without_reading_it(tmp_path, tiny_model_dir, special):
+    model = _copy(tiny_model_dir, tmp_path)
+    tokenizer = model / "tokenizer.json"
+    tokenizer.unlink()
+    if special == "fifo":
+        os.mkfifo(tokenizer)  # opening it for reading would block forever
+    else:
+        tokenizer.symlink_to("/dev/zero")
+    message = _refusal(model)
+    assert str(tokenizer) in message and "not a regular file" in message and "remove it" in message
 
 
 @pytest.mark.timeout(30)
