@@ -36,6 +36,12 @@ def _parse_size(text: str) -> tuple[int | None, int | None]:
 def _shards_build(args):
     from higgs_ds.shard_build import BuildConfig, build_shards
 
+    if args.tokenizer:  # a model directory: data, never code
+        from higgs_ds.model_trust import check_model_dir, forbid_remote_code
+
+        forbid_remote_code()
+        check_model_dir(args.tokenizer)
+
     samples, size = _parse_size(args.shard_size)
     try:
         index, count = (int(x) for x in args.slice.split("/"))
@@ -107,7 +113,10 @@ def _check_export(args):
 
 
 def _preflight(args):
+    from higgs_ds.model_trust import forbid_remote_code
     from higgs_ds.preflight import run
+
+    forbid_remote_code()  # preflight reads the model's config (resolve_config checks the directory first)
 
     # argparse.REMAINDER takes everything after CONFIG; take preflight's own options back out of it
     own = argparse.ArgumentParser(prog="higgs-ds preflight", add_help=False)

@@ -41,6 +41,7 @@ from pathlib import Path
 from higgs_ds.checkpoint import is_complete, latest_complete
 from higgs_ds.errors import UserError
 from higgs_ds.model_patches import patch_for_training
+from higgs_ds.model_trust import check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, is_secret_key, redact
 
 COPIED_FILES = (
@@ -199,6 +200,8 @@ def _merged_lora(ckpt: Path, base: str) -> dict:
 
     if not Path(base, "config.json").is_file():
         raise ExportError(f"the LoRA base model {base} is not a model directory: pass --base DIR")
+    forbid_remote_code()
+    check_model_dir(base)
     model = patch_for_training(HiggsAudioModel.from_pretrained(base, torch_dtype=torch.float32))  # as in training
     merged = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
@@ -603,6 +606,8 @@ def check_export(model_dir: str, probe_path: str, atol: float = 1e-5, rtol: floa
 
     from higgs_ds.collate import model_inputs
 
+    forbid_remote_code()
+    check_model_dir(model_dir)
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)
     model = HiggsAudioModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():

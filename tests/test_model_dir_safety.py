@@ -264,3 +264,28 @@ def test_swift_pipeline_user_errors_exit_2_with_one_line(capsys):
     assert exited.value.code == 2
     assert _one_error_line(capsys.readouterr().err) == "higgs-ds: error: --dataset /x has no index.json: build it"
 
+
+
+@pytest.mark.parametrize("command", ["shards build --tokenizer", "check-export", "export --base"])
+def test_every_command_that_reads_a_model_directory_refuses_one_with_code(tmp_path, tiny_model_dir, capsys, command):
+    """`shards build --tokenizer DIR`, `check-export DIR` and a LoRA export's `--base DIR` read a model directory
+    too: the same refusal, naming it, before anything in it is loaded."""
+    from higgs_ds import cli
+    from higgs_ds.export import _merged_lora
+
+    marker = tmp_path / "MARKER"
+    model = hostile_model_dir(tmp_path, tiny_model_dir, marker)
+    if command == "export --base":  # the LoRA merge step itself: the checkpoint is never reached
+        with pytest.raises(Exception) as err:
+            _merged_lora(tmp_path / "no-checkpoint", str(model))
+        message = str(err.value)
+    else:
+        argv = {
+            "shards build --tokenizer": ["shards", "build", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o")]
+            + ["--codec", "tiny", "--tokenizer", str(model)],
+            "check-export": ["check-export", str(model), "--probe", str(tmp_path / "probe.pt")],
+        }[command]
+        assert cli.main(argv) == 2
+        message = _one_error_line(capsys.readouterr().err)
+    assert str(model) in message and TOLD_TO_REMOVE in message
+    assert not marker.exists() and not (tmp_path / "o").exists()
