@@ -648,11 +648,12 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "inputs_fingerprint": inputs_digest(fingerprint),
     }
+    # rejects (complete: every line was read), then the index (the mark of a complete build), then the
+    # journal goes: each step durable before the next
+    publish(out / f".{rejects_name}.building", out / rejects_name)
     if not shards and cfg.num_slices == 1:
         top = ", ".join(f"{n} x {kind}" for kind, n in counts["reasons"].most_common(3))
         raise BuildError(f"none of the {num_inputs} input lines was accepted ({top}); see {out / rejects_name}")
-    # rejects, then the index (the mark of a complete build), then the journal goes: each step durable
-    publish(out / f".{rejects_name}.building", out / rejects_name)
     write_index(out / index_name, shards, codec.provenance, summary)
     journal.path.unlink(missing_ok=True)
     fsync_dir(out)
