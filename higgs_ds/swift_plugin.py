@@ -51,7 +51,14 @@ from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
 
 from higgs_ds.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
-from higgs_ds.checkpoint import latest_complete, read_data_state, stop_files, write_data_state
+from higgs_ds.checkpoint import (
+    CheckpointError,
+    is_complete,
+    latest_complete,
+    read_data_state,
+    stop_files,
+    write_data_state,
+)
 from higgs_ds.collate import BatchCollator, model_inputs
 from higgs_ds.dataloader import DataConfig, EpochDataLoader, ShardStream
 from higgs_ds.errors import UserError, exit_on_user_error
@@ -170,6 +177,7 @@ ENV_PEAK_TFLOPS = "HIGGS_DS_PEAK_TFLOPS"  # peak_tflops, for the mfu metric
 ENV_LOG_SAMPLE_IDS = "HIGGS_DS_LOG_SAMPLE_IDS"  # "1": log_sample_ids (output_dir/samples_rank{R}.jsonl)
 ENV_TEXT_WEIGHT = "HIGGS_DS_TEXT_WEIGHT"  # loss.text_weight
 ENV_CODEBOOK_WEIGHTS = "HIGGS_DS_CODEBOOK_WEIGHTS"  # loss.codebook_weights, comma-separated: "2,1,1,1,1,1,1,1"
+ENV_LOADER_TIMEOUT = "HIGGS_DS_LOADER_TIMEOUT"  # data.loader_timeout: seconds a rank waits for a worker's batch
 
 
 def _env_number(name: str, kind=int):
@@ -255,6 +263,13 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
         return batches, None
 
     def train(self, *args, **kwargs):
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if isinstance(resume, str) and not is_complete(resume):  # an explicit resume = PATH / --resume_from_...
+            raise CheckpointError(
+                f"checkpoint {resume} is not complete (a file is missing, torn or does not parse, e.g. "
+                "trainer_state.json after a full disk): resume from an earlier checkpoint-N of the run, or "
+                'set resume = "auto" to take the newest complete one'
+            )
         stop_file = Path(self.args.output_dir) / "STOP"
         if self.args.process_index == 0 and stop_file.exists():
             stop_file.unlink()
@@ -293,7 +308,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             return
         state = read_data_state(checkpoint, self.args.process_index)
         if state is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{checkpoint} holds no data position for rank {self.args.process_index}: it was not "
                 "written by higgs-ds training, so the run cannot continue with the next sample"
             )
@@ -420,6 +435,7 @@ def cli_data_config(args, shards: list[str]) -> DataConfig:
         max_length=_env_number(ENV_MAX_LENGTH),
         num_workers=training.dataloader_num_workers,  # SWIFT's default when not given: 1
         seed=args.data_seed,
+        **({"loader_timeout": timeout} if (timeout := _env_number(ENV_LOADER_TIMEOUT, float)) is not None else {}),
     )
 
 

@@ -112,3 +112,24 @@ def test_a_swift_config_file_is_copied_with_credentials_redacted(tmp_path):
     plain.write_text("# a comment kept as written\nmodel: /m\n")
     _copy_config_redacted(str(plain), str(out))
     assert (out / "plain.yaml").read_text() == plain.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_explicit_resume_from_a_torn_checkpoint_is_refused_naming_it(tmp_path, small_shards, tiny_model_dir):
+    """`resume = PATH` to a checkpoint whose trainer_state.json was cut short (a full disk): one error line
+    naming it and saying what to do, exit 2; HF's own loader would fail deep inside with a JSON traceback."""
+    import subprocess
+
+    torn = tmp_path / "run" / "checkpoint-5"
+    torn.mkdir(parents=True)
+    (torn / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (torn / "trainer_state.json").write_text('{"global_step": 5, "log_hist')
+    cmd = train_cmd(tmp_path / "run", tiny_model_dir, small_shards, "--max_steps", "8", "--deepspeed", "")
+    cmd = [sys.executable, "-m", "higgs_ds.cli", "train", *cmd[2:], "--resume", str(torn)]
+    env = {k: v for k, v in train_env(25999).items() if k not in DIST_ENV}
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("higgs-ds: error:")]
+    assert run.returncode == 2, run.stderr[-4000:]
+    assert len(errors) == 1 and str(torn) in errors[0] and "earlier checkpoint" in errors[0], run.stderr[-4000:]
+    assert "Traceback" not in run.stderr
