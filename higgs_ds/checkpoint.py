@@ -104,9 +104,11 @@ def _check_complete(ckpt: Path) -> bool:
         return False
     if not all(isinstance(_load_json(path), dict) for path in [ckpt / "trainer_state.json", *model_configs]):
         return False
-    latest = ckpt / "latest"  # DeepSpeed's pointer to its global_stepN folder
-    if latest.is_file() and not (ckpt / latest.read_text().strip()).is_dir():
-        return False
+    latest = ckpt / "latest"  # DeepSpeed's pointer to its global_stepN folder: a bare name inside ckpt, no more
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip() if latest.stat().st_size <= 256 else ""
+        if not re.fullmatch(r"global_step\d+", tag) or not (ckpt / tag).is_dir():
+            return False
     files = {int(m.group(1)): ckpt / m.group(0) for p in ckpt.iterdir() if (m := _DATA_STATE.fullmatch(p.name))}
     if not files:
         return True  # a checkpoint written outside higgs-ds training (e.g. a plain HF one)

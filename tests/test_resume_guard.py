@@ -187,6 +187,7 @@ def _torn(path: Path) -> None:
         lambda c: (c / "data_state_rank1.json").write_text((c / "data_state_rank0.json").read_text()),  # rank 0's
         lambda c: (c / "data_state_rank1.json").unlink(),
         lambda c: (c / "latest").write_text("global_step999"),
+        lambda c: (c / "latest").write_text(f"../{c.name}/global_step6"),  # a path, even one back inside
     ],
     ids=[
         "torn-trainer-state",
@@ -199,6 +200,7 @@ def _torn(path: Path) -> None:
         "copied-data-state",
         "missing-data-state",
         "dangling-latest",
+        "latest-leaves-checkpoint",
     ],
 )
 def test_the_newest_checkpoint_whose_files_parse_is_resumed(tmp_path, damage):
