@@ -273,7 +273,7 @@ def open_regular(path) -> BinaryIO:
         os.close(fd)
         raise ShardError(f"{path} is {_kind(mode)}, not a regular file: a shard must be a file written by higgs-ds")
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return os.fdopen(fd, "rb", buffering=0)
+    return os.fdopen(fd, "rb")
 
 
 def _octal(block: bytes, start: int, end: int, what: str, where: str) -> int:
