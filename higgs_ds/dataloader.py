@@ -121,6 +121,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine = tokenizer_fingerprint(tokenizer)
         stored = all(index["build"].get("tokenizer_fingerprint") == mine for index in indexes)
         self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
+        # stored token ids must be ids of this tokenizer: one outside it would index past the embedding
+        self.vocab_size = len(tokenizer)
         self.shard_sets = [shard_set_fingerprint(index) for index in indexes]
         self.epoch, self.start_batch = 0, 0
         self._plan = None  # (epoch, plan): the plan is asked for by num_batches, state_dict and every worker
@@ -217,12 +219,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             if plan.references:
                 yield self._with_references(batch, plan.references)
             else:
-                yield [self.encode(record) for record in read_positions(self.refs, batch)]
+                yield [self.encode(record) for record in read_positions(self.refs, batch, vocab_size=self.vocab_size)]
 
     def _with_references(self, batch, references: dict) -> list:
         """The batch's samples, those with a reference (decided by the plan) assembled for cloning."""
         extra = [references[p] for p in batch if p in references]
-        records = list(read_positions(self.refs, list(batch) + extra))
+        records = list(read_positions(self.refs, list(batch) + extra, vocab_size=self.vocab_size))
         ref_records = iter(records[len(batch) :])
         return [
             self.encode.with_reference(record, next(ref_records)) if pos in references else self.encode(record)

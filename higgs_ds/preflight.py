@@ -32,6 +32,7 @@ from pathlib import Path
 from higgs_ds.codec import sha256_file
 from higgs_ds.epoch_plan import plan_epoch
 from higgs_ds.errors import CheckFailed, UserError
+from higgs_ds.shard_format import shard_file_problem
 from higgs_ds.shard_reader import codec_mismatches, load_index, shard_refs
 
 # Fraction of a GPU the model states may take: the rest is for activations, buffers and fragmentation.
@@ -243,26 +244,15 @@ def _check_shards(cfg, model_config, hashes: bool, report: Report) -> None:
         except UserError as err:
             report.wrong(str(err))
             continue
-        for shard in index["shards"]:
-            name = shard.get("file") if isinstance(shard, dict) else None
-            if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
-                # never follow an index out of its directory (../, /dev/zero): hashing a device never ends
+        for shard in index["shards"]:  # load_index has checked every name is a bare file name inside d
+            path = Path(d) / shard["file"]
+            problem = shard_file_problem(d, shard)  # nothing is opened: a fifo or /dev/zero never is
+            if problem:
+                report.wrong(f"shard {path} {problem}")
+            elif hashes and sha256_file(path) != shard["sha256"]:
                 report.wrong(
-                    f"{Path(d) / 'index.json'} lists shard {name!r}, not a file name inside {d}: rebuild the "
-                    "shards, or restore their index.json"
-                )
-                continue
-            path = Path(d) / name
-            if not path.is_file():
-                report.wrong(
-                    f"shard {path} is listed in its index.json but missing: rebuild it "
-                    "(`higgs-ds shards build ... --resume`) or restore the file"
-                )
-            elif path.stat().st_size != shard["bytes"] or (hashes and sha256_file(path) != shard["sha256"]):
-                report.wrong(
-                    f"shard {path} differs from its index.json ({'sha256' if hashes else 'size'}): it was "
-                    "changed or cut short after the build; `higgs-ds shards verify` names every bad shard, "
-                    "then rebuild it"
+                    f"shard {path} differs from its index.json (sha256): it was changed after the build; "
+                    "`higgs-ds shards verify` names every bad shard, then rebuild it"
                 )
         report.user_errors.extend(codec_mismatches(index, model_config, d))
 

@@ -78,7 +78,9 @@ def test_preflight_accepts_a_good_setup_and_prints_the_plan(tiny_model_dir, smal
     "damage, error, message",
     [
         ("corrupt", UserError, "differs from its index.json (sha256)"),
-        ("missing", UserError, "listed in its index.json but missing: rebuild it"),
+        ("missing", UserError, "is listed in index.json but missing: restore it, or rebuild it"),
+        ("fifo", UserError, "is a fifo, not a regular file"),
+        ("dev-zero", UserError, "is a symbolic link to /dev/zero, outside"),
         ("codec", UserError, "codebook_size=2048, the model expects 1024: rebuild them with the model's codec"),
         ("deepspeed", UserError, "zero_optimization.stage is 'three', not 0-3: fix the file"),
         ("too_few", CheckFailed, "fewer than its 4 dataloader workers: lower data.num_workers"),
@@ -97,6 +99,10 @@ def test_preflight_refuses_with_what_to_do(damage, error, message, tiny_model_di
     elif damage == "missing":
         (shards / "shard-000002.tar").unlink()
         named = shards / "shard-000002.tar"
+    elif damage in ("fifo", "dev-zero"):  # with --hashes: hashing either would never end
+        named = shards / "shard-000002.tar"
+        named.unlink()
+        os.mkfifo(named) if damage == "fifo" else named.symlink_to("/dev/zero")
     elif damage == "codec":
         index = json.loads((shards / "index.json").read_text())
         index["codec"]["codebook_size"] = 2048
