@@ -136,6 +136,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (the build stopped): its temp file is removed, nothing is published."""
         if self._tar is not None:
+            try:
+                self._tar.close()  # the tar stream first: closed after its file, it warns as it is collected
+            except OSError:
+                pass  # a full disk, say: the temp file is removed below either way
             self._file.close()
             self._tmp_path.unlink(missing_ok=True)
             self._tar = None
