@@ -116,7 +116,7 @@ def test_a_rank_that_dies_fails_the_whole_job_fast(slurm, tmp_path, tiny_model_d
     # without srun --kill-on-bad-exit, node 1 would wait for its peer up to the rendezvous/collective timeouts
     assert elapsed < 240, f"the job took {elapsed:.0f} s to fail\n" + _report(slurm, job, log)
     text = log.read_text()
-    assert f"higgs-ds: error: model directory {missing} has no config.json" in text, text[-3000:]
+    assert f"higgs-ds: error: model {missing} is not a local directory" in text, text[-3000:]
     assert "node2" in text and "[higgs-ds] step" not in text, text[-3000:]
     assert not (tmp_path / "train" / "checkpoint-6").exists()
 
