@@ -483,27 +483,32 @@ def decode_json(data: bytes, where: str) -> dict:
     return meta
 
 
-def _check_ids(meta: dict, vocab_size: int | None, bad) -> None:
+def _check_ids(meta: dict, vocab_size: int | None, bad) -> tuple[np.ndarray, np.ndarray]:
     """Stored token ids: two equally long lists of integers, ids in [0, vocab), labels -100 or in [0, vocab).
-    Builtins over the lists (set of types, min/max, one sort) cost a fraction of numpy's per-call overhead
-    on lists of a few hundred ids."""
+    They are checked as the int64 arrays the encoder needs, returned for it (the JSON keeps its lists), so the
+    check costs about what the conversion alone did."""
     ids, labels = meta.get("input_ids"), meta.get("label_ids")
     if type(ids) is not list or type(labels) is not list or not ids or len(ids) != len(labels):
         raise bad("'input_ids' and 'label_ids' must be two non-empty lists of the same length")
-    if set(map(type, ids)) != {int} or set(map(type, labels)) != {int}:
+    try:  # no dtype given: a float, string, list or an int beyond int64 makes another dtype, or fails
+        ids_arr, labels_arr = np.array(ids), np.array(labels)
+    except (ValueError, OverflowError):
+        ids_arr = labels_arr = None
+    if ids_arr is None or ids_arr.dtype != np.int64 or labels_arr.dtype != np.int64 or ids_arr.ndim != 1:
         raise bad("'input_ids' and 'label_ids' must hold integers")
     top = vocab_size if vocab_size is not None else 1 << 63
-    low, high = min(ids), max(ids)
+    low, high = int(ids_arr.min()), int(ids_arr.max())
     if low < 0 or high >= top:
         raise bad(f"token id {low if low < 0 else high} is outside the tokenizer's vocabulary [0, {top})")
-    ordered = sorted(labels)  # -100 (not trained) first, then what must be token ids
-    ignored = labels.count(-100)
-    if ordered[-1] >= top or (ignored < len(ordered) and ordered[ignored] < 0):
+    trained = labels_arr[labels_arr != -100]
+    if trained.size and (int(trained.min()) < 0 or int(trained.max()) >= top):
         raise bad(f"label ids must be -100 or token ids in [0, {top})")
+    return ids_arr, labels_arr
 
 
-def _check_meta(meta: dict, where: str, vocab_size: int | None) -> list[int]:
-    """The sample's fields that training reads, with their types; returns the frames of its audio items."""
+def _check_meta(meta: dict, where: str, vocab_size: int | None) -> tuple[list[int], tuple | None]:
+    """The sample's fields that training reads, with their types; returns the frames of its audio items and
+    its stored token ids as int64 arrays (None when it stores none)."""
 
     def bad(what: str) -> ShardError:
         return ShardError(f"{where}: {what}; {REBUILD}")
@@ -533,16 +538,16 @@ def _check_meta(meta: dict, where: str, vocab_size: int | None) -> list[int]:
         type(parts) is not list or len(parts) != 2 or not all(p is None or _is_count(p) for p in parts)
     ):
         raise bad(f"'clone_parts' is {parts!r}, expected [head, pair] or null")
-    if "input_ids" in meta or "label_ids" in meta:
-        _check_ids(meta, vocab_size, bad)
-    return frames
+    ids = _check_ids(meta, vocab_size, bad) if "input_ids" in meta or "label_ids" in meta else None
+    return frames, ids
 
 
 def check_sample(record: dict, path: str, names: dict, limits: SampleLimits) -> None:
     """Raise ShardError naming shard and member unless the decoded sample is one training can use: its JSON
     has the fields and types training reads (token ids inside the vocabulary), its codes have
-    `num_codebooks` rows, every code < `codebook_size`, and as many frames as its audio items."""
-    frames = _check_meta(record["json"], f"{path}: member {names['json']!r}", limits.vocab_size)
+    `num_codebooks` rows, every code < `codebook_size`, and as many frames as its audio items. Sets
+    record["token_ids"]: its stored (input_ids, label_ids) as checked int64 arrays, or None."""
+    frames, record["token_ids"] = _check_meta(record["json"], f"{path}: member {names['json']!r}", limits.vocab_size)
     codes, where = record["codes"], f"{path}: member {names['codes']!r}"
     if limits.num_codebooks is not None and codes.shape[0] != limits.num_codebooks:
         raise ShardError(
