@@ -260,10 +260,10 @@ def test_a_worker_stuck_on_a_shard_fails_the_rank_naming_it(tok_config, shards, 
     stuck = str(shards / "shard-000001.tar")
     real = dataloader.read_positions
 
-    def read_positions(refs, positions):
+    def read_positions(refs, positions, **kwargs):
         if any(refs[s].path == stuck for s, _ in positions):
             time.sleep(3600)
-        return real(refs, positions)
+        return real(refs, positions, **kwargs)
 
     monkeypatch.setattr(dataloader, "read_positions", read_positions)  # the forked worker inherits it
     loader = _loader(tok_config, shards, world_size=1, num_workers=2, loader_timeout=2)
@@ -300,10 +300,10 @@ def _raise_for(path: str, error: UserError):
 
     real = dataloader.read_positions
 
-    def read_positions(refs, positions):
+    def read_positions(refs, positions, **kwargs):
         if any(refs[s].path == path for s, _ in positions):
             raise error
-        return real(refs, positions)
+        return real(refs, positions, **kwargs)
 
     return read_positions
 
