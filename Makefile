@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/higgs-ds demo
 
 test: $(STAMP)
-	@echo "==> make test: the test suite (about 10 minutes on 2 cores)"
+	@echo "==> make test: the test suite (about 17 minutes on 2 cores)"
 	$(PY) -m pytest
 
 lint: $(STAMP)
