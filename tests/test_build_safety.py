@@ -205,7 +205,7 @@ def _paused_build(monkeypatch, manifest: Path, out: Path, cfg: BuildConfig, code
     def encode_chunk(chunk, cfg):
         if threading.current_thread().name == "paused-builder":
             entered.set()
-            release.wait(timeout=60)
+            release.wait(timeout=250)  # released by the test; bounded below its own 300 s timeout
         return real(chunk, cfg)
 
     monkeypatch.setattr(shard_build, "encode_chunk", encode_chunk)

@@ -268,11 +268,9 @@ def test_a_worker_stuck_on_a_shard_fails_the_rank_naming_it(tok_config, shards, 
     monkeypatch.setattr(dataloader, "read_positions", read_positions)  # the forked worker inherits it
     loader = _loader(tok_config, shards, world_size=1, num_workers=2, loader_timeout=2)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    start = time.time()
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError) as err:  # the worker sleeps an hour: only the loader's timeout ends this
         for _ in loader:
             pass
-    assert time.time() - start < 30
     message = str(err.value)
     assert stuck in message and "data.loader_timeout" in message and "shards verify" in message
     assert "shard-000000.tar" not in message and "shard-000002.tar" not in message  # batch_size 1: one shard

@@ -30,6 +30,7 @@ def _run(launcher: str, deepspeed: str, out, model_dir, shards, port: int):
     if launcher == "torchrun":
         cmd = train_cmd(out, model_dir, shards, *overrides)
         env = dict(train_env(port), NPROC_PER_NODE="1")
+        del env["MASTER_PORT"]  # one node, no port given: torchrun.sh lets torchrun pick a free one (--standalone)
     else:  # what a laptop user types first: no torchrun, no distributed environment at all
         cmd = train_cmd(out, model_dir, shards, *overrides)[2:]  # CONFIG and the overrides
         cmd = [sys.executable, "-m", "higgs_ds.cli", "train", *cmd]
