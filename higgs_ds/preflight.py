@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,10 +265,10 @@ def _check_output_dir(cfg, need_bytes: float, report: Report) -> None:
     if not probe.is_dir():
         report.wrong(f"output_dir {out}: {probe} is not a directory: choose another output_dir")
         return
-    try:
-        test = probe / ".higgs-ds-preflight"
-        test.write_text("ok")
-        test.unlink()
+    try:  # a file of our own making (never one of the user's that happens to share a name)
+        fd, test = tempfile.mkstemp(prefix=".higgs-ds-preflight-", dir=probe)
+        os.close(fd)
+        os.unlink(test)
     except OSError as err:
         report.wrong(f"output directory {probe} is not writable ({err.strerror}): choose another output_dir")
         return

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from pathlib import Path
 
 from higgs_ds.errors import UserError
@@ -134,7 +135,13 @@ class DirLock:
 
     def __enter__(self) -> "DirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a planted symlink: the pid written below would overwrite its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise UserError(f"{self.path} cannot be used as a lock file ({err}): remove it, it is not ours") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{self.path} is not a regular file: remove it, it is not a higgs-ds lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -449,8 +449,11 @@ def _open_rejects(out: Path, rejects_name: str, state: dict | None):
     """The rejects being written, under a working name until the build publishes them as rejects_name.
     On resume: cut back to what the last journalled shard had seen."""
     work, final = out / f".{rejects_name}.building", out / rejects_name
-    if state is None:
-        return open(work, "wb")
+    if state is None:  # never through a planted symlink: truncating would empty its target
+        try:
+            return os.fdopen(os.open(work, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb")
+        except OSError as err:
+            raise BuildError(f"{work} cannot be written ({err}): remove it, or use an empty --out directory") from None
     if not work.exists() and final.is_file():  # published, then killed before index.json was written
         os.replace(final, work)
     if not work.is_file() or work.stat().st_size < state["rejects_bytes"]:
@@ -468,7 +471,7 @@ def _already_complete(index_path: Path, fingerprint: dict) -> dict:
     try:
         summary = json.loads(index_path.read_text())["build"]
         stored = summary.get("inputs_fingerprint")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise BuildError(f"{index_path} is not an index this version wrote; use another --out directory") from None
     if stored is not None and stored != inputs_digest(fingerprint):
         raise BuildError(

@@ -50,6 +50,7 @@ CHUNK = 1 << 20
 # allocated from its counts.
 MIN_SAMPLE_BYTES = 4 * BLOCK
 MAX_CODEBOOK_SIZE = 1 << 16  # codes are stored as uint16
+MAX_CODEBOOKS = 256  # Higgs codecs have 8; a header claiming more rows is not a codes array
 
 _ZERO_BLOCK = bytes(BLOCK)
 _KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -465,6 +466,11 @@ def decode_codes(data: bytes, where: str) -> np.ndarray:
             f"'<u2' (uint16) array, the only codes higgs-ds writes (never an object array or pickle); {REBUILD}"
         )
     rows, cols = int(m.group(1)), int(m.group(2))
+    if not 0 < rows <= MAX_CODEBOOKS or cols >= 1 << 31:  # (0, 10**19) would hold 0 bytes and pass below
+        raise ShardError(
+            f"{where}: its .npy header declares shape ({rows}, {cols}): codes have 1-{MAX_CODEBOOKS} codebook rows "
+            f"and fewer than 2**31 frames; {REBUILD}"
+        )
     if len(data) - start != 2 * rows * cols:
         raise ShardError(
             f"{where}: its .npy header declares shape ({rows}, {cols}), {2 * rows * cols} bytes, the member "
@@ -494,7 +500,8 @@ def _check_ids(meta: dict, vocab_size: int | None, bad) -> tuple[np.ndarray, np.
         ids_arr, labels_arr = np.array(ids), np.array(labels)
     except (ValueError, OverflowError):
         ids_arr = labels_arr = None
-    if ids_arr is None or ids_arr.dtype != np.int64 or labels_arr.dtype != np.int64 or ids_arr.ndim != 1:
+    arrays = (ids_arr, labels_arr)
+    if ids_arr is None or any(a.dtype != np.int64 or a.ndim != 1 for a in arrays):
         raise bad("'input_ids' and 'label_ids' must hold integers")
     top = vocab_size if vocab_size is not None else 1 << 63
     low, high = int(ids_arr.min()), int(ids_arr.max())

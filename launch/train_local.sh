@@ -50,5 +50,5 @@ launch/torchrun.sh "${CONFIG:-configs/demo.toml}" --model "$model" --data.shards
 # Checkpoints of a LoRA run hold adapters (adapter_config.json), which export merges only when asked.
 merge=()
 for adapter in "$out"/train/checkpoint-*/adapter_config.json; do [[ -f $adapter ]] && merge=(--merge-lora); done
-"$PYTHON" -m higgs_ds.cli export "$out/train" --out "$out/export" "${merge[@]}"
+"$PYTHON" -m higgs_ds.cli export "$out/train" --out "$out/export" ${merge[@]+"${merge[@]}"}  # bash < 4.4: empty array under set -u
 echo "[train_local] done: checkpoints in $out/train, model in $out/export"

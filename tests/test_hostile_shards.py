@@ -254,6 +254,7 @@ NPY_LIES = {
         npy("{'descr': '<u2', 'fortran_order': False, 'shape': (8, %d), }" % (1 << 40), version=2),
         "declares",
     ),
+    "no rows, 2**63 frames": (npy("{'descr': '<u2', 'fortran_order': False, 'shape': (0, %d), }" % (1 << 63)), "1-256"),
     "object array": (npy("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", b"\x80\x04K\x01."), "pickle"),
     "npz archive": (b"PK\x03\x04" + bytes(100), "not a .npy array"),
 }
@@ -314,6 +315,11 @@ SAMPLE_LIES = {
         meta_of("000000000", 5, **_ids(20, 50_000)),
         codes_of(5),
         "token id 49999 is outside the tokenizer's vocabulary [0, 1000)",
+    ),
+    "labels a list of lists": (
+        meta_of("000000000", 5, input_ids=[1, 2], label_ids=[[1, 2], [3, 4]]),
+        codes_of(5),
+        "must hold integers",
     ),
     "label outside the vocabulary": (
         meta_of("000000000", 5, input_ids=[1, 2], label_ids=[1, 5000]),

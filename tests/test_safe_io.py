@@ -77,3 +77,16 @@ def test_a_killed_builder_does_not_leave_a_stale_lock(tmp_path):
     holder.join(30)
     with DirLock(tmp_path):
         pass
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_kept(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".higgs-ds.lock").symlink_to(victim)
+    with pytest.raises(UserError) as err:
+        with DirLock(out):
+            pass
+    assert str(out / ".higgs-ds.lock") in str(err.value) and "remove it" in str(err.value)
+    assert victim.read_text() == "a user's file"
