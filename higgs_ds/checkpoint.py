@@ -98,17 +98,27 @@ def is_complete(checkpoint: str | os.PathLike) -> bool:
         return False
 
 
+def deepspeed_tag(ckpt: Path) -> str:
+    """The tag in DeepSpeed's `latest` file, refused unless it names a global_stepN folder of this checkpoint
+    (a bare name: no path out of it, no symlink)."""
+    latest = ckpt / "latest"
+    tag = latest.read_text(errors="replace").strip() if latest.stat().st_size <= 256 else ""
+    if not re.fullmatch(r"global_step\d+", tag) or not (ckpt / tag).is_dir() or (ckpt / tag).is_symlink():
+        raise CheckpointError(
+            f"{latest} names {tag[:80]!r}, not a global_stepN folder of {ckpt}: the checkpoint is damaged or "
+            "not DeepSpeed's; use another checkpoint-N of the run"
+        )
+    return tag
+
+
 def _check_complete(ckpt: Path) -> bool:
     model_configs = [ckpt / name for name in ("config.json", "adapter_config.json") if (ckpt / name).is_file()]
     if not (ckpt / "trainer_state.json").is_file() or not model_configs:  # a full model or a LoRA adapter
         return False
     if not all(isinstance(_load_json(path), dict) for path in [ckpt / "trainer_state.json", *model_configs]):
         return False
-    latest = ckpt / "latest"  # DeepSpeed's pointer to its global_stepN folder: a bare name inside ckpt, no more
-    if latest.is_file():
-        tag = latest.read_text(errors="replace").strip() if latest.stat().st_size <= 256 else ""
-        if not re.fullmatch(r"global_step\d+", tag) or not (ckpt / tag).is_dir():
-            return False
+    if (ckpt / "latest").is_file():
+        deepspeed_tag(ckpt)  # raises when it points anywhere but a global_stepN folder of ckpt
     files = {int(m.group(1)): ckpt / m.group(0) for p in ckpt.iterdir() if (m := _DATA_STATE.fullmatch(p.name))}
     if not files:
         return True  # a checkpoint written outside higgs-ds training (e.g. a plain HF one)

@@ -38,7 +38,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from higgs_ds.checkpoint import is_complete, latest_complete
+from higgs_ds.checkpoint import deepspeed_tag, is_complete, latest_complete
 from higgs_ds.errors import UserError
 from higgs_ds.model_patches import patch_for_training
 from higgs_ds.model_trust import check_model_dir, forbid_remote_code
@@ -96,17 +96,6 @@ def resolve_checkpoint(path: str) -> Path:
     return latest
 
 
-def _deepspeed_tag(ckpt: Path) -> str:
-    """The `latest` file's tag, refused unless it names a global_stepN folder of this checkpoint."""
-    tag = (ckpt / "latest").read_text(errors="replace").strip()
-    if not re.fullmatch(r"global_step\d+", tag) or not (ckpt / tag).is_dir() or (ckpt / tag).is_symlink():
-        raise ExportError(
-            f"{ckpt / 'latest'} names {tag[:80]!r}, not a global_stepN folder of {ckpt}: "
-            "the checkpoint is damaged or not DeepSpeed's; export another checkpoint"
-        )
-    return tag
-
-
 def consolidated_state_dict(ckpt: Path, merge_lora: bool = False, base: str | None = None) -> tuple[dict, Path]:
     """The full model's weights and the directory its config and tokenizer come from."""
     if (ckpt / "adapter_config.json").is_file():
@@ -117,7 +106,7 @@ def consolidated_state_dict(ckpt: Path, merge_lora: bool = False, base: str | No
     if (ckpt / "latest").is_file():  # DeepSpeed partitions: rebuild the fp32 weights on the CPU
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        tag = _deepspeed_tag(ckpt)
+        tag = deepspeed_tag(ckpt)
         with _torch_loads_run_no_code(ckpt):
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag), ckpt
     weights = sorted(ckpt.glob("model*.safetensors"))
