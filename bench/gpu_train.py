@@ -35,7 +35,7 @@ def main() -> None:
     import torch
     from loader import make_shards  # bench/loader.py: shards of generated codes with stored tokens
 
-    from higgs_ds.tiny import RELEASED_TEXT, TINY_TEXT, write_tiny_model
+    from higgs_ds.models.tiny import RELEASED_TEXT, TINY_TEXT, write_tiny_model
 
     gpus = torch.cuda.device_count()
     if args.size == "released" and not gpus:

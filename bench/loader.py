@@ -6,7 +6,7 @@ On generated shards of realistic sizes (1-20 s of audio per sample, ~40 characte
 of a 25 Hz 8-codebook codec), measured in this one run, one process, one thread:
 
 * samples_per_s_per_core: the full path, tar -> decoded sample -> token ids stored at build time ->
-  collated batch (higgs_ds.dataloader, num_workers=0, the fast collator, checked against boson's);
+  collated batch (higgs_ds.stream.loader, num_workers=0, the fast collator, checked against boson's);
 * boson_collator_samples_per_s_per_core: the same with boson's HiggsAudioSampleCollator itself;
 * floor_samples_per_s_per_core: iterating the tar members and reading their bytes, no decoding;
 * seed_path_samples_per_s_per_core: the seed's path, which keeps raw audio: read the FLAC, resample
@@ -34,9 +34,9 @@ def make_shards(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from higgs_ds.encoding import chatml_tokens, expanded_length, tokenizer_fingerprint
-    from higgs_ds.shard_writer import ShardWriter, write_index
-    from higgs_ds.tiny import CODEBOOK_SIZE
+    from higgs_ds.stream.tokens import chatml_tokens, expanded_length, tokenizer_fingerprint
+    from higgs_ds.shards.writer import ShardWriter, write_index
+    from higgs_ds.models.tiny import CODEBOOK_SIZE
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rng = np.random.RandomState(seed)
@@ -85,7 +85,7 @@ def make_shards(
 def best(repeats: int, measure, *args) -> float:
     """The best of `repeats` passes, each from cold per-process caches (the shard member tables): on a
     shared machine the best pass is the one least disturbed by other work, for every path alike."""
-    from higgs_ds.shard_reader import member_table
+    from higgs_ds.stream.reader import member_table
 
     rates = []
     for _ in range(repeats):
@@ -107,7 +107,7 @@ def floor(out: Path) -> float:
 def full_path(out: Path, model_dir: Path, collator: str = "fast") -> float:
     from transformers import AutoConfig, AutoTokenizer
 
-    from higgs_ds.dataloader import DataConfig, build_dataloader
+    from higgs_ds.stream.loader import DataConfig, build_dataloader
 
     tok, config = AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
     loader = build_dataloader(
@@ -131,8 +131,8 @@ def seed_path(model_dir: Path, num: int, tmp: Path) -> float:
     from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
     from transformers import AutoConfig, AutoTokenizer
 
-    from higgs_ds.codec import RELEASED_CODEC_CONFIG, _construct
-    from higgs_ds.collate import make_collator
+    from higgs_ds.shards.codec import RELEASED_CODEC_CONFIG, _construct
+    from higgs_ds.stream.collate import make_collator
 
     tok, config = AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(0)
@@ -174,8 +174,8 @@ def seed_path(model_dir: Path, num: int, tmp: Path) -> float:
 
 
 def padding(out: Path) -> dict:
-    from higgs_ds.epoch_plan import BatchingConfig, plan_epoch
-    from higgs_ds.shard_reader import shard_refs
+    from higgs_ds.stream.plan import BatchingConfig, plan_epoch
+    from higgs_ds.stream.reader import shard_refs
 
     refs = shard_refs([str(out)])
     budget = plan_epoch(refs, BatchingConfig(max_tokens=8192), seed=0, epoch=0, rank=0, world_size=1)
@@ -199,7 +199,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from higgs_ds.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -43,8 +43,8 @@ def make_clips(folder: Path, count: int, seed: int = 0) -> list[tuple[Path, floa
 
 def cpu_stages(clips, out: Path, use_librosa: bool) -> float:
     """Seconds of one-thread work to decode, resample and write every clip into a shard."""
-    from higgs_ds.audio import load_audio
-    from higgs_ds.shard_writer import ShardWriter
+    from higgs_ds.shards.audio import load_audio
+    from higgs_ds.shards.writer import ShardWriter
 
     writer = ShardWriter(out, max_samples=10**9)
     start = time.process_time()
@@ -64,7 +64,7 @@ def cpu_stages(clips, out: Path, use_librosa: bool) -> float:
 def codec_batching(num: int, seconds: float, device: str) -> dict:
     import torch
 
-    from higgs_ds.codec import resolve_codec
+    from higgs_ds.shards.codec import resolve_codec
 
     codec = resolve_codec("tiny", device=device)
     waves = (np.random.RandomState(1).randn(num, int(seconds * 24000)) * 0.1).astype(np.float32)

@@ -10,13 +10,13 @@ from higgs_ds.errors import EXIT_CODES_HELP, CheckFailed, UserError, report
 
 
 def _tiny_model(args):
-    from higgs_ds.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny_model
 
     print(f"wrote {write_tiny_model(args.out_dir, seed=args.seed)}")
 
 
 def _tiny_codec(args):
-    from higgs_ds.codec import write_tiny_codec
+    from higgs_ds.shards.codec import write_tiny_codec
 
     print(f"wrote {write_tiny_codec(args.out_dir, seed=args.seed)}")
 
@@ -34,10 +34,10 @@ def _parse_size(text: str) -> tuple[int | None, int | None]:
 
 
 def _shards_build(args):
-    from higgs_ds.shard_build import BuildConfig, build_shards
+    from higgs_ds.shards.build import BuildConfig, build_shards
 
     if args.tokenizer:  # a model directory: data, never code
-        from higgs_ds.model_trust import check_model_dir, forbid_remote_code
+        from higgs_ds.models.trust import check_model_dir, forbid_remote_code
 
         forbid_remote_code()
         check_model_dir(args.tokenizer)
@@ -71,13 +71,13 @@ def _shards_build(args):
 
 
 def _shards_index(args):
-    from higgs_ds.shard_build import merge_slices
+    from higgs_ds.shards.build import merge_slices
 
     print(json.dumps(merge_slices(args.dir), indent=1))
 
 
 def _shards_verify(args):
-    from higgs_ds.shard_verify import verify_shards
+    from higgs_ds.shards.verify import verify_shards
 
     result = verify_shards(args.dir)
     print(json.dumps(result, indent=1))
@@ -87,25 +87,25 @@ def _shards_verify(args):
 
 
 def _shards_stats(args):
-    from higgs_ds.shard_verify import shard_stats
+    from higgs_ds.shards.verify import shard_stats
 
     print(json.dumps(shard_stats(args.dir, plot=args.plot), indent=1))
 
 
 def _train(args):
-    from higgs_ds.train import main as train_main
+    from higgs_ds.train.run import main as train_main
 
     return train_main(args.rest)
 
 
 def _export(args):
-    from higgs_ds.export import export
+    from higgs_ds.tools.export import export
 
     print(f"exported {export(args.checkpoint, args.out, dtype=args.dtype, merge_lora=args.merge_lora, base=args.base)}")
 
 
 def _check_export(args):
-    from higgs_ds.export import check_export
+    from higgs_ds.tools.export import check_export
 
     result = check_export(args.model_dir, args.probe, atol=args.atol, rtol=args.rtol)
     print(json.dumps(result))
@@ -113,8 +113,8 @@ def _check_export(args):
 
 
 def _preflight(args):
-    from higgs_ds.model_trust import forbid_remote_code
-    from higgs_ds.preflight import run
+    from higgs_ds.models.trust import forbid_remote_code
+    from higgs_ds.tools.preflight import run
 
     forbid_remote_code()  # preflight reads the model's config (resolve_config checks the directory first)
 
@@ -129,7 +129,7 @@ def _preflight(args):
 
 
 def _demo(args):
-    from higgs_ds.demo import run_demo
+    from higgs_ds.tools.demo import run_demo
 
     return run_demo(args.workdir, steps=args.steps)
 
@@ -257,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the run config's own parser (argparse's REMAINDER drops a leading --help)
-        from higgs_ds.train import main as train_main
+        from higgs_ds.train.run import main as train_main
 
         return train_main(argv[1:])
     args = parser().parse_args(argv)

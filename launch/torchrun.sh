@@ -50,7 +50,7 @@ else
 fi
 
 cmd=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" "${rendezvous[@]}"
-     -m higgs_ds.train "$@")
+     -m higgs_ds.train.run "$@")
 if [[ $dry_run -eq 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0

@@ -47,7 +47,7 @@ SMALL_IDS = {
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from higgs_ds.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -56,7 +56,7 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_codec():
     import torch
 
-    from higgs_ds.codec import resolve_codec
+    from higgs_ds.shards.codec import resolve_codec
 
     torch.set_num_threads(2)
     return resolve_codec("tiny")
@@ -69,7 +69,7 @@ def small_manifest(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory, small_manifest, tiny_codec, tiny_model_dir):
-    from higgs_ds.shard_build import BuildConfig, build_shards
+    from higgs_ds.shards.build import BuildConfig, build_shards
 
     out = tmp_path_factory.mktemp("small-shards")
     build_shards(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from higgs_ds.audio import AudioError, load_audio
-from higgs_ds.manifest import ManifestSample, Reject, read_manifest
+from higgs_ds.shards.audio import AudioError, load_audio
+from higgs_ds.shards.manifest import ManifestSample, Reject, read_manifest
 
 from .conftest import DEMO
 
@@ -75,8 +75,8 @@ def test_formats_rates_and_channels_load_as_24k_mono(tmp_path, name, fmt, subtyp
 
 
 def test_compressed_formats_build_into_shards(tmp_path, tiny_codec):
-    from higgs_ds.shard_build import build_shards
-    from higgs_ds.shard_reader import load_index, read_shard
+    from higgs_ds.shards.build import build_shards
+    from higgs_ds.stream.reader import load_index, read_shard
 
     (tmp_path / "in").mkdir()
     lines = []

@@ -13,8 +13,8 @@ import pytest
 import soundfile as sf
 
 from higgs_ds.errors import UserError
-from higgs_ds.shard_build import BuildConfig, BuildError, build_shards, merge_slices
-from higgs_ds.shard_reader import load_index
+from higgs_ds.shards.build import BuildConfig, BuildError, build_shards, merge_slices
+from higgs_ds.stream.reader import load_index
 
 from .conftest import REPO
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from higgs_ds.errors import CheckFailed, UserError
-from higgs_ds.shard_build import BuildConfig, BuildError, build_shards, merge_slices
-from higgs_ds.shard_reader import load_index
+from higgs_ds.shards.build import BuildConfig, BuildError, build_shards, merge_slices
+from higgs_ds.stream.reader import load_index
 
 from .conftest import REPO
 
@@ -197,7 +197,7 @@ def test_published_files_are_fsynced_before_the_rename(tmp_path, tiny_codec, mon
 def _paused_build(monkeypatch, manifest: Path, out: Path, cfg: BuildConfig, codec):
     """Start a build in a thread that stops inside its first encode (holding whatever it holds) until
     released; returns (release, thread, errors)."""
-    import higgs_ds.shard_build as shard_build
+    import higgs_ds.shards.build as shard_build
 
     entered, release, errors = threading.Event(), threading.Event(), []
     real = shard_build.encode_chunk
@@ -279,7 +279,7 @@ _LOAD_UNDER_LIMIT = """
 import resource, sys
 limit = int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from higgs_ds.audio import AudioError, load_audio
+from higgs_ds.shards.audio import AudioError, load_audio
 try:
     load_audio(sys.argv[1], 24000, max_seconds=float(sys.argv[2]))
     print("ACCEPTED")

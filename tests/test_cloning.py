@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from higgs_ds.dataloader import DataConfig, ShardStream, build_dataloader
-from higgs_ds.encoding import chatml_tokens, clone_chatml, expanded_length
-from higgs_ds.epoch_plan import BatchingConfig, PlanError, ShardRef, clone_length, plan_epoch
-from higgs_ds.shard_reader import load_index, read_shard, shard_refs
+from higgs_ds.stream.loader import DataConfig, ShardStream, build_dataloader
+from higgs_ds.stream.tokens import chatml_tokens, clone_chatml, expanded_length
+from higgs_ds.stream.plan import BatchingConfig, PlanError, ShardRef, clone_length, plan_epoch
+from higgs_ds.stream.reader import load_index, read_shard, shard_refs
 
 PLAIN = {"alice_001", "alice_004", "bob_002", "bob_016", "carol_003", "carol_009"}  # small_shards' plain TTS
 
@@ -33,7 +33,7 @@ def _ids(stream) -> list[list[str]]:
 
 
 def test_index_records_each_samples_speaker_and_turn_lengths(small_shards, records):
-    from higgs_ds.shard_verify import verify_shards
+    from higgs_ds.shards.verify import verify_shards
 
     seen = []
     for shard in load_index(small_shards)["shards"]:
@@ -192,7 +192,7 @@ def test_an_index_without_speakers_is_refused_with_what_to_do():
 
 @pytest.mark.parametrize("user_text", ["a plain line", "a line with <|start_header_id|> typed in it"])
 def test_composed_tokens_equal_boson_and_a_header_in_the_text_takes_boson_path(tok_config, user_text):
-    from higgs_ds.encoding import SampleEncoder
+    from higgs_ds.stream.tokens import SampleEncoder
 
     tok, _ = tok_config
 

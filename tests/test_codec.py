@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_ds.codec import CodecError, load_codec
+from higgs_ds.shards.codec import CodecError, load_codec
 
 
 def test_codes_shape_dtype_and_determinism(tiny_codec):
@@ -80,7 +80,7 @@ def test_builder_groups_mixed_length_clips_and_matches_one_at_a_time(tiny_codec,
     rest alone; every clip's codes equal boson's own one-at-a-time encode."""
     import soundfile as sf
 
-    from higgs_ds.shard_build import BuildConfig, _encode_clips, _init_worker
+    from higgs_ds.shards.build import BuildConfig, _encode_clips, _init_worker
 
     rng = np.random.RandomState(3)
     paths = []

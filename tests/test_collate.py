@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_ds.collate import BatchCollator, FastCollator, batches_equal, boson_collate, make_collator
-from higgs_ds.encoding import EncodedSample, chatml_tokens
+from higgs_ds.stream.collate import BatchCollator, FastCollator, batches_equal, boson_collate, make_collator
+from higgs_ds.stream.tokens import EncodedSample, chatml_tokens
 
 SYSTEM = {"role": "system", "content": "Generate audio following instruction."}
 SCENE = {"role": "system", "content": "Generate audio.\n<|scene_desc_start|>\nA quiet room.\n<|scene_desc_end|>"}

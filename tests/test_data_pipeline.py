@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from higgs_ds.collate import model_inputs
-from higgs_ds.dataloader import DataConfig, build_dataloader
-from higgs_ds.epoch_plan import BatchingConfig, PlanError, ShardRef, batches_for_worker, plan_epoch
+from higgs_ds.stream.collate import model_inputs
+from higgs_ds.stream.loader import DataConfig, build_dataloader
+from higgs_ds.stream.plan import BatchingConfig, PlanError, ShardRef, batches_for_worker, plan_epoch
 
 UNEVEN = [ShardRef(f"s{i}", n, tuple(range(10 + 40 * i, 10 + 40 * i + n))) for i, n in enumerate([5, 1, 7, 3])]
 
@@ -108,7 +108,7 @@ def test_collated_batch_follows_the_delay_pattern(batch_and_model):
 
 
 def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
-    from higgs_ds.loss import LossConfig, higgs_loss
+    from higgs_ds.train.loss import LossConfig, higgs_loss
 
     batch, model, _ = batch_and_model
     out = model(**model_inputs(batch))
@@ -138,9 +138,9 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
 def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from higgs_ds.dataloader import ShardStream
-    from higgs_ds.encoding import SampleEncoder
-    from higgs_ds.shard_reader import read_shard
+    from higgs_ds.stream.loader import ShardStream
+    from higgs_ds.stream.tokens import SampleEncoder
+    from higgs_ds.stream.reader import read_shard
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert ShardStream(DataConfig(shards=[str(small_shards)]), tok, rank=0, world_size=1).encode.stored_tokens
@@ -156,8 +156,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_mo
     import torch.utils.checkpoint
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from higgs_ds.loss import higgs_loss
-    from higgs_ds.model_patches import patch_for_training
+    from higgs_ds.train.loss import higgs_loss
+    from higgs_ds.models.patches import patch_for_training
 
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint

@@ -3,7 +3,7 @@ turn, [SPEAKERn]-tagged text, several assistant audio turns; the batch is boson'
 
 import pytest
 
-from higgs_ds.collate import BatchCollator, batches_equal, boson_collate, make_collator
+from higgs_ds.stream.collate import BatchCollator, batches_equal, boson_collate, make_collator
 
 from .conftest import write_manifest
 
@@ -52,8 +52,8 @@ DIALOGUES = [
 def dialogue_batch(tmp_path_factory, tiny_codec, tiny_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
-    from higgs_ds.dataloader import DataConfig, ShardStream, build_dataloader
-    from higgs_ds.shard_build import BuildConfig, build_shards
+    from higgs_ds.stream.loader import DataConfig, ShardStream, build_dataloader
+    from higgs_ds.shards.build import BuildConfig, build_shards
 
     folder = tmp_path_factory.mktemp("dialogue")
     manifest = write_manifest(folder, DIALOGUES)
@@ -106,7 +106,7 @@ def test_dialogue_trains_each_audio_turn_after_start_index_with_its_own_codes(di
 
 
 def test_dialogue_index_records_no_cloning_parts(dialogue_batch):
-    from higgs_ds.shard_reader import load_index
+    from higgs_ds.stream.reader import load_index
 
     *_, shards = dialogue_batch
     (shard,) = load_index(shards)["shards"]

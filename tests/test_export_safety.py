@@ -61,7 +61,7 @@ def run_on_shards(tmp_path, tiny_model_dir, small_shards):
 
 
 def _export(run: Path, out: Path, **kw) -> Path:
-    from higgs_ds.export import export
+    from higgs_ds.tools.export import export
 
     return export(str(run), str(out), **kw)
 
@@ -171,7 +171,7 @@ def test_re_export_replaces_a_previous_export_and_leaves_no_temp_folder(run, tmp
 
 @pytest.mark.timeout(300)
 def test_re_export_without_an_atomic_exchange_still_replaces_by_rename(run, tmp_path, monkeypatch):
-    import higgs_ds.export as export_module
+    import higgs_ds.tools.export as export_module
 
     out = tmp_path / "exported"
     _export(run, out)
@@ -210,7 +210,7 @@ def test_a_crash_between_the_fallback_renames_is_recovered_by_the_next_export(ru
 
 @pytest.mark.timeout(300)
 def test_a_file_put_into_the_old_export_while_exporting_is_kept(run, tmp_path, monkeypatch):
-    import higgs_ds.export as export_module
+    import higgs_ds.tools.export as export_module
 
     out = tmp_path / "exported"
     _export(run, out)
@@ -231,7 +231,7 @@ def test_a_file_put_into_the_old_export_while_exporting_is_kept(run, tmp_path, m
 
 @pytest.mark.timeout(300)
 def test_an_export_that_fails_midway_leaves_the_previous_export_whole(run, tmp_path, monkeypatch):
-    import higgs_ds.export as export_module
+    import higgs_ds.tools.export as export_module
 
     out = tmp_path / "exported"
     _export(run, out)
@@ -359,7 +359,7 @@ def test_a_deepspeed_partition_file_that_would_run_code_is_refused_unloaded(run,
 
 @pytest.mark.timeout(60)
 def test_demo_refuses_a_non_empty_workdir_it_did_not_make(tmp_path):
-    from higgs_ds.demo import run_demo
+    from higgs_ds.tools.demo import run_demo
 
     work = tmp_path / "project"
     (work / "train").mkdir(parents=True)
@@ -375,7 +375,7 @@ def test_demo_refuses_a_non_empty_workdir_it_did_not_make(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_demo_replaces_only_its_own_train_folder(tmp_path):
-    from higgs_ds.demo import _fresh_train_dir, prepare_workdir
+    from higgs_ds.tools.demo import _fresh_train_dir, prepare_workdir
 
     work = prepare_workdir(tmp_path / "demo")  # new: made and marked
     (work / "train" / "checkpoint-1").mkdir(parents=True)

@@ -1,11 +1,11 @@
-"""higgs_ds.generate on the tiny real model, the tiny codec and the small shards: prompts as boson's serve
+"""higgs_ds.eval.generate on the tiny real model, the tiny codec and the small shards: prompts as boson's serve
 engine builds them (force_audio_gen), boson's own generation loop, codes -> codec waveform."""
 
 import numpy as np
 import pytest
 import torch
 
-from higgs_ds.generate import (
+from higgs_ds.eval.generate import (
     AUDIO_GEN_POSTFIX,
     codes_from_generated,
     generate_audio,
@@ -22,7 +22,7 @@ def setup(tiny_model_dir, small_shards):
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from transformers import AutoTokenizer
 
-    from higgs_ds.shard_reader import load_index, read_shard
+    from higgs_ds.stream.reader import load_index, read_shard
 
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

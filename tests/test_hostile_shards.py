@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from higgs_ds.shard_reader import ShardError, load_index, member_table, read_positions, read_shard, shard_refs
-from higgs_ds.shard_writer import encode_codes
+from higgs_ds.stream.reader import ShardError, load_index, member_table, read_positions, read_shard, shard_refs
+from higgs_ds.shards.writer import encode_codes
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = {"codec": "test", "num_codebooks": 8, "codebook_size": 1024, "sample_rate": 24000, "hop_length": 960}
@@ -131,9 +131,9 @@ def bounded(args: list[str], timeout: float = 60, memory: int = 2 << 30) -> subp
 # Reads every sample of one shard the way training does, in a bounded subprocess.
 PROBE = """
 import sys
-from higgs_ds.epoch_plan import ShardRef
+from higgs_ds.stream.plan import ShardRef
 from higgs_ds.errors import UserError
-from higgs_ds.shard_reader import read_positions
+from higgs_ds.stream.reader import read_positions
 path, n = sys.argv[1], int(sys.argv[2])
 try:
     records = list(read_positions([ShardRef(path, n)], [(0, i) for i in range(n)]))

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from higgs_ds.collate import BatchCollator, model_inputs
-from higgs_ds.loss import LossConfig, higgs_loss, target_counts
+from higgs_ds.stream.collate import BatchCollator, model_inputs
+from higgs_ds.train.loss import LossConfig, higgs_loss, target_counts
 
 from .test_collate import _samples
 

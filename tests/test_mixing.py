@@ -4,8 +4,8 @@ import collections
 
 import pytest
 
-from higgs_ds.dataloader import DataConfig, build_dataloader
-from higgs_ds.epoch_plan import BatchingConfig, PlanError, ShardRef, epoch_order, plan_epoch
+from higgs_ds.stream.loader import DataConfig, build_dataloader
+from higgs_ds.stream.plan import BatchingConfig, PlanError, ShardRef, epoch_order, plan_epoch
 
 # three sets: 10 samples in shards of 4+6, 8 samples in one shard, 6 samples in shards of 2+2+2
 SIZES = [[4, 6], [8], [2, 2, 2]]

@@ -94,8 +94,8 @@ def test_remote_code_is_impossible_in_the_process_whatever_the_caller_trusts(tmp
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.models.auto import tokenization_auto
 
-    from higgs_ds import swift_plugin  # noqa: F401  installs the guard, as both entry points do
-    from higgs_ds.model_trust import RemoteCodeRefused
+    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  installs the guard, as both entry points do
+    from higgs_ds.models.trust import RemoteCodeRefused
 
     marker = tmp_path / "MARKER"
     model = hostile_model_dir(tmp_path, tiny_model_dir, marker)
@@ -117,7 +117,7 @@ def test_remote_code_is_impossible_in_the_process_whatever_the_caller_trusts(tmp
 
 def _refusal(model) -> str:
     from higgs_ds.errors import UserError
-    from higgs_ds.model_trust import check_model_dir
+    from higgs_ds.models.trust import check_model_dir
 
     with pytest.raises(UserError) as err:
         check_model_dir(model)
@@ -187,7 +187,7 @@ def test_swift_model_resolution_refuses_hub_ids_with_exit_2(capsys):
     from swift.hub.hub import HFHub, MSHub
     from swift.model import model_meta
 
-    from higgs_ds import swift_plugin  # noqa: F401
+    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401
 
     for resolve in (
         lambda: model_meta.safe_snapshot_download("bosonai/higgs-audio-v2-generation-3B-base"),
@@ -202,7 +202,7 @@ def test_swift_model_resolution_refuses_hub_ids_with_exit_2(capsys):
 
 
 def test_args_json_naming_plugins_and_broken_json_are_refused(tmp_path, tiny_model_dir):
-    from higgs_ds.model_trust import check_model_dir
+    from higgs_ds.models.trust import check_model_dir
 
     model = _copy(tiny_model_dir, tmp_path)
     (model / "args.json").write_text(json.dumps({"external_plugins": ["/elsewhere/plugin.py"], "model_type": "x"}))
@@ -233,7 +233,7 @@ def test_a_file_that_never_ends_is_refused_without_reading_it(tmp_path, tiny_mod
 
 @pytest.mark.timeout(30)
 def test_a_symlink_loop_does_not_hang_the_scan(tmp_path, tiny_model_dir):
-    from higgs_ds.model_trust import check_model_dir
+    from higgs_ds.models.trust import check_model_dir
 
     model = _copy(tiny_model_dir, tmp_path)
     (model / "loop").symlink_to(model)
@@ -243,7 +243,7 @@ def test_a_symlink_loop_does_not_hang_the_scan(tmp_path, tiny_model_dir):
 
 
 def test_the_released_tiny_model_and_a_training_checkpoint_layout(tmp_path, tiny_model_dir):
-    from higgs_ds.model_trust import check_model_dir
+    from higgs_ds.models.trust import check_model_dir
 
     assert check_model_dir(tiny_model_dir) == tiny_model_dir
     ckpt = _copy(tiny_model_dir, tmp_path, "checkpoint-4")
@@ -254,7 +254,7 @@ def test_the_released_tiny_model_and_a_training_checkpoint_layout(tmp_path, tiny
 
 def test_swift_pipeline_user_errors_exit_2_with_one_line(capsys):
     from higgs_ds.errors import UserError
-    from higgs_ds.swift_plugin import _user_errors_exit
+    from higgs_ds.train.swift.plugin import _user_errors_exit
 
     def step(self):
         raise UserError("--dataset /x has no index.json: build it")
@@ -271,7 +271,7 @@ def test_every_command_that_reads_a_model_directory_refuses_one_with_code(tmp_pa
     """`shards build --tokenizer DIR`, `check-export DIR` and a LoRA export's `--base DIR` read a model directory
     too: the same refusal, naming it, before anything in it is loaded."""
     from higgs_ds import cli
-    from higgs_ds.export import _merged_lora
+    from higgs_ds.tools.export import _merged_lora
 
     marker = tmp_path / "MARKER"
     model = hostile_model_dir(tmp_path, tiny_model_dir, marker)

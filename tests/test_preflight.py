@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from higgs_ds import preflight as pf
+from higgs_ds.tools import preflight as pf
 from higgs_ds.errors import CheckFailed, UserError
-from higgs_ds.preflight import run
+from higgs_ds.tools.preflight import run
 
 from .conftest import REPO, train_cmd, train_env
 
@@ -28,7 +28,7 @@ def _args(model, shards, out, *extra):
 @pytest.fixture(scope="module")
 def released_model_dir(tmp_path_factory):
     """The released Higgs-Audio v2 architecture (5.77 B parameters) as a config only: no weights are written."""
-    from higgs_ds.tiny import RELEASED_TEXT, build_tiny_tokenizer, model_config
+    from higgs_ds.models.tiny import RELEASED_TEXT, build_tiny_tokenizer, model_config
 
     out = tmp_path_factory.mktemp("released-config")
     model_config(build_tiny_tokenizer(), RELEASED_TEXT).save_pretrained(out)

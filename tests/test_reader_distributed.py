@@ -22,7 +22,7 @@ def _rank_main(rank, world_size, port, shards, model_dir, out_dir):
     import boson_multimodal.model.higgs_audio  # noqa: F401  registers the higgs_audio config
     from transformers import AutoConfig, AutoTokenizer
 
-    from higgs_ds.dataloader import DataConfig, build_dataloader
+    from higgs_ds.stream.loader import DataConfig, build_dataloader
 
     tok, config = AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
     result = {}
@@ -78,7 +78,7 @@ RESUME_SCRIPT = """
 import json, sys
 import boson_multimodal.model.higgs_audio
 from transformers import AutoConfig, AutoTokenizer
-from higgs_ds.dataloader import DataConfig, build_dataloader
+from higgs_ds.stream.loader import DataConfig, build_dataloader
 shards, model_dir, state = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 workers, n = int(sys.argv[4]), int(sys.argv[5])
 tok, config = AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
@@ -98,7 +98,7 @@ print(json.dumps(out))
 def test_resume_in_a_new_process_continues_exactly(small_shards, tiny_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
-    from higgs_ds.dataloader import DataConfig, build_dataloader
+    from higgs_ds.stream.loader import DataConfig, build_dataloader
 
     tok, config = AutoTokenizer.from_pretrained(tiny_model_dir), AutoConfig.from_pretrained(tiny_model_dir)
     cfg = DataConfig(shards=[str(small_shards)], batch_size=1, num_workers=2, seed=9)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from higgs_ds.checkpoint import is_complete, latest_complete
+from higgs_ds.train.checkpoint import is_complete, latest_complete
 
 from .conftest import REPO, torchrun_train, train_cmd, train_env
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from higgs_ds.checkpoint import is_complete, latest_complete, read_data_state, write_data_state
-from higgs_ds.dataloader import DataConfig, EpochDataLoader, ShardStream, build_dataloader
-from higgs_ds.epoch_plan import PlanError
+from higgs_ds.train.checkpoint import is_complete, latest_complete, read_data_state, write_data_state
+from higgs_ds.stream.loader import DataConfig, EpochDataLoader, ShardStream, build_dataloader
+from higgs_ds.stream.plan import PlanError
 from higgs_ds.errors import UserError
-from higgs_ds.shard_reader import ShardError
+from higgs_ds.stream.reader import ShardError
 
 WHAT_TO_DO = "resume with the saved settings and shards, or train into a new output_dir"
 
@@ -118,7 +118,7 @@ def test_a_position_saved_without_a_plan_fingerprint_resumes_with_a_warning(tok_
     (seed, world size, weights, cloning) still checked, and a warning that the rest is assumed unchanged."""
     state = _state_after(_loader(tok_config, shards), 1)
     del state["plan"]
-    with caplog.at_level(logging.WARNING, logger="higgs_ds.dataloader"):
+    with caplog.at_level(logging.WARNING, logger="higgs_ds.stream.loader"):
         _loader(tok_config, shards).load_state_dict(state)
     assert "without a fingerprint" in caplog.text and "assumed unchanged" in caplog.text
     with pytest.raises(PlanError, match="world size: saved 2 ranks, now 1"):
@@ -255,7 +255,7 @@ def _wait_for_no_children(before: set[int], seconds: float = 20) -> list[psutil.
 def test_a_worker_stuck_on_a_shard_fails_the_rank_naming_it(tok_config, shards, monkeypatch):
     """A worker whose read of shard-000001.tar never returns (as on a hung filesystem): after
     data.loader_timeout the rank fails naming that shard, and the stuck worker is gone."""
-    import higgs_ds.dataloader as dataloader
+    import higgs_ds.stream.loader as dataloader
 
     stuck = str(shards / "shard-000001.tar")
     real = dataloader.read_positions
@@ -294,7 +294,7 @@ def test_a_fifo_in_place_of_a_shard_does_not_hang_the_rank(tok_config, shards):
 
 
 def _raise_for(path: str, error: UserError):
-    import higgs_ds.dataloader as dataloader
+    import higgs_ds.stream.loader as dataloader
 
     real = dataloader.read_positions
 
@@ -311,7 +311,7 @@ def _raise_for(path: str, error: UserError):
 def test_a_workers_error_reaches_the_rank_as_one_line(tok_config, shards, monkeypatch, where):
     """torch re-raises a worker's exception with the worker's traceback in its message; the policy is one
     line naming the shard (exit 2), so the rank raises the worker's error as it was."""
-    import higgs_ds.dataloader as dataloader
+    import higgs_ds.stream.loader as dataloader
 
     bad = str(shards / "shard-000002.tar")
     message = f"{bad}: member 'x.json' is not an object; rebuild the shard"
@@ -339,7 +339,7 @@ def test_a_bad_loader_timeout_is_refused(timeout):
 
 
 def test_the_loader_timeout_is_documented_in_train_help():
-    from higgs_ds.train import HELP
+    from higgs_ds.train.run import HELP
 
     text = HELP[HELP.index("--data.loader_timeout") :]
     assert text.startswith("--data.loader_timeout (default 600.0)") and "0 waits forever" in text

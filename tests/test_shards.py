@@ -7,8 +7,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from higgs_ds.shard_build import BuildConfig, build_shards
-from higgs_ds.shard_reader import ShardError, load_index, read_shard
+from higgs_ds.shards.build import BuildConfig, build_shards
+from higgs_ds.stream.reader import ShardError, load_index, read_shard
 
 from .conftest import SMALL_IDS, demo_lines, write_manifest
 
@@ -28,7 +28,7 @@ def test_index_describes_the_shards(small_shards):
     for shard in index["shards"]:
         path = small_shards / shard["file"]
         assert path.stat().st_size == shard["bytes"]
-        from higgs_ds.codec import sha256_file
+        from higgs_ds.shards.codec import sha256_file
 
         assert sha256_file(path) == shard["sha256"]
     assert (small_shards / "rejects.jsonl").read_text() == ""
@@ -122,7 +122,7 @@ def _members(shard_dir):
 def test_workers_slices_and_merge_give_the_single_process_result(
     tmp_path, small_manifest, small_shards, tiny_model_dir
 ):
-    from higgs_ds.shard_build import merge_slices
+    from higgs_ds.shards.build import merge_slices
 
     parallel = tmp_path / "parallel"
     build_shards(
@@ -153,7 +153,7 @@ def test_workers_slices_and_merge_give_the_single_process_result(
 
 
 def test_merge_names_missing_slices(tmp_path, small_manifest):
-    from higgs_ds.shard_build import BuildError, merge_slices
+    from higgs_ds.shards.build import BuildError, merge_slices
 
     build_shards([str(small_manifest)], str(tmp_path), "tiny", BuildConfig(slice_index=1, num_slices=3), progress=False)
     with pytest.raises(BuildError, match=r"missing \[0, 2\]"):
@@ -161,7 +161,7 @@ def test_merge_names_missing_slices(tmp_path, small_manifest):
 
 
 def test_resume_continues_after_the_last_complete_shard(tmp_path, tiny_codec):
-    from higgs_ds.shard_build import BuildError
+    from higgs_ds.shards.build import BuildError
 
     lines = demo_lines({"alice_001", "alice_002", "bob_001", "bob_002", "carol_001", "carol_002"})
     lines.insert(4, "{bad json")
@@ -187,7 +187,7 @@ def test_resume_continues_after_the_last_complete_shard(tmp_path, tiny_codec):
 
 
 def test_min_shards_and_verify_and_stats(tmp_path, small_manifest, small_shards, tiny_model_dir):
-    from higgs_ds.shard_verify import shard_stats, verify_shards
+    from higgs_ds.shards.verify import shard_stats, verify_shards
 
     out = tmp_path / "four"
     build_shards(
@@ -217,8 +217,8 @@ def test_min_shards_and_verify_and_stats(tmp_path, small_manifest, small_shards,
 
 
 def test_random_access_reader_refuses_unknown_members(tmp_path):
-    from higgs_ds.epoch_plan import ShardRef
-    from higgs_ds.shard_reader import read_positions
+    from higgs_ds.stream.plan import ShardRef
+    from higgs_ds.stream.reader import read_positions
 
     _tar_with(tmp_path / "evil2.tar", {"000000000.json": b"{}", "000000000.pickle": b"\x80\x04K\x01."})
     with pytest.raises(ShardError, match=r"evil2.tar: unexpected member '000000000.pickle'"):

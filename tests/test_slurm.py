@@ -210,7 +210,7 @@ def test_the_job_counts_its_gpus_derives_a_port_and_keeps_preflights_exit_code(s
     assert port and 10000 <= int(port.group(1)) <= 32767, text
     for rank, node in enumerate(("node1", "node2")):
         want = f"stub on {node}: -m torch.distributed.run --nnodes 2 --nproc_per_node 2 --node_rank {rank} "
-        assert want + f"--master_addr node1 --master_port {port.group(1)} -m higgs_ds.train" in text, text
+        assert want + f"--master_addr node1 --master_port {port.group(1)} -m higgs_ds.train.run" in text, text
 
     # preflight's exit code is the job's (2: a user error), and nothing is started
     job, log = _submit(slurm, tmp_path, ["configs/demo.toml"], dict(env, PREFLIGHT_EXIT="2"), "refused")

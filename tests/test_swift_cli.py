@@ -110,7 +110,7 @@ def cli_run(tmp_path_factory, small_shards, tiny_model_dir):
 def test_swift_sft_trains_from_the_per_rank_shard_stream(cli_run, small_shards, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from higgs_ds.dataloader import DataConfig, ShardStream
+    from higgs_ds.stream.loader import DataConfig, ShardStream
 
     out, log = cli_run
     assert "num_workers=2" in log  # read from --dataloader_num_workers before SWIFT's trainer forces 1

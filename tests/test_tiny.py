@@ -57,7 +57,7 @@ def test_prepare_chatml_sample_uses_llama3_headers_and_special_tokens(tiny_model
 def test_tiny_model_is_seeded(tmp_path):
     from safetensors.torch import load_file
 
-    from higgs_ds.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny_model
 
     a = load_file(write_tiny_model(tmp_path / "a", seed=1) / "model.safetensors")
     b = load_file(write_tiny_model(tmp_path / "b", seed=1) / "model.safetensors")
@@ -70,7 +70,7 @@ def test_released_shape_config_has_the_released_parameter_count():
     import boson_multimodal.model.higgs_audio  # noqa: F401
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from higgs_ds.tiny import RELEASED_TEXT, build_tiny_tokenizer, model_config
+    from higgs_ds.models.tiny import RELEASED_TEXT, build_tiny_tokenizer, model_config
 
     with torch.device("meta"):
         model = HiggsAudioModel(model_config(build_tiny_tokenizer(), RELEASED_TEXT))

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from higgs_ds.collate import model_inputs
-from higgs_ds.config import ConfigError, load_config
-from higgs_ds.dataloader import DataConfig
-from higgs_ds.train import TrainConfig
-from higgs_ds.train import main as train_main
+from higgs_ds.stream.collate import model_inputs
+from higgs_ds.train.config import ConfigError, load_config
+from higgs_ds.stream.loader import DataConfig
+from higgs_ds.train.run import TrainConfig
+from higgs_ds.train.run import main as train_main
 
 from .conftest import REPO, torchrun_train, train_cmd, train_env
 
@@ -68,12 +68,12 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     from swift.model import get_model_processor
     from swift.template import get_template
 
-    from higgs_ds import swift_plugin  # noqa: F401  registers higgs_audio with ms-swift
-    from higgs_ds.dataloader import ShardStream
+    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  registers higgs_audio with ms-swift
+    from higgs_ds.stream.loader import ShardStream
 
     model, processor = get_model_processor(str(tiny_model_dir), model_type="higgs_audio", torch_dtype="float32")
     template = get_template(processor, template_type="higgs_audio")
-    from higgs_ds.dataloader import DataConfig
+    from higgs_ds.stream.loader import DataConfig
 
     stream = ShardStream(DataConfig(shards=[str(small_shards)]), template.tokenizer, rank=0, world_size=1)
     batch = template.data_collator(sum(list(stream), [])[:4])
@@ -91,7 +91,7 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
 
 def _swift_args(cfg) -> dict:
     """swift_argv(cfg) as {key: value, or a list for a flag given several values}."""
-    from higgs_ds.swift_plugin import swift_argv
+    from higgs_ds.train.swift.plugin import swift_argv
 
     args, key = {}, None
     for item in swift_argv(cfg):
@@ -118,7 +118,7 @@ def test_default_config_gives_the_expected_swift_arguments(monkeypatch, gpu):
     assert (lora["tuner_type"], lora["lora_rank"], lora["target_modules"]) == ("lora", "8", "all-linear")
 
 
-# The audio side of HiggsAudioModel, spelled out here independently of higgs_ds.model_patches
+# The audio side of HiggsAudioModel, spelled out here independently of higgs_ds.models.patches
 AUDIO_SIDE = ("audio_mlp.", "audio_input_layernorm.", "audio_post_attention_layernorm.", "audio_lm_head.")
 
 
@@ -152,7 +152,7 @@ def test_audio_config_freezes_all_but_the_audio_side_with_swift_and_peft(tiny_mo
     saved = {n.replace(".modules_to_save.default", "") for n in trainable if ".lora_" not in n}
     assert saved == {n for n in audio if ".audio_mlp." not in n}
     # preflight's memory estimate counts the same trainable parameters without building the model
-    from higgs_ds.preflight import count_parameters
+    from higgs_ds.tools.preflight import count_parameters
 
     total = sum(p.numel() for p in HiggsAudioModel.from_pretrained(tiny_model_dir).parameters())
     counted = sum(p.numel() for p in peft.parameters() if p.requires_grad)
@@ -180,7 +180,7 @@ def _sample_targets(shards, model_dir) -> dict:
     the <|AUDIO_OUT|> placeholders, and K x (frames + EOS) per trained audio-out item."""
     from transformers import AutoConfig
 
-    from higgs_ds.shard_reader import read_shard
+    from higgs_ds.stream.reader import read_shard
 
     config = AutoConfig.from_pretrained(model_dir)
     targets = {}
@@ -324,7 +324,7 @@ def test_torchrun_script_dry_run_resolves_the_command():
         check=True,
     )
     assert "--nnodes 2 --nproc_per_node 4 --node_rank 1 --master_addr 10.0.0.5 --master_port 29400" in run.stdout
-    assert run.stdout.rstrip().endswith("-m higgs_ds.train cfg.toml --max_steps 3")
+    assert run.stdout.rstrip().endswith("-m higgs_ds.train.run cfg.toml --max_steps 3")
     env["RDZV_ENDPOINT"] = "head:29999"
     run = subprocess.run(
         ["bash", str(REPO / "launch" / "torchrun.sh"), "--dry-run", "cfg.toml"],

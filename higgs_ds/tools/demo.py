@@ -25,7 +25,7 @@ from pathlib import Path
 from higgs_ds.errors import UserError
 from higgs_ds.safe_io import atomic_write_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFEST = REPO / "shards" / "demo" / "manifest.jsonl"
 DEMO_MARKER = "higgs_ds_demo.json"
 
@@ -100,7 +100,7 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
     model_dir = work / "tiny-model"
     if not (model_dir / "config.json").is_file():
         _say(f"writing a tiny random-weight Higgs-Audio model to {model_dir}")
-        from higgs_ds.tiny import write_tiny_model
+        from higgs_ds.models.tiny import write_tiny_model
 
         write_tiny_model(model_dir)
     else:
@@ -109,7 +109,7 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
     shard_dir = work / "shards"
     if not (shard_dir / "index.json").is_file():
         _say(f"building shards of {DEMO_MANIFEST.relative_to(REPO)} with the tiny codec into {shard_dir}")
-        from higgs_ds.shard_build import BuildConfig, build_shards
+        from higgs_ds.shards.build import BuildConfig, build_shards
 
         summary = build_shards(
             [str(DEMO_MANIFEST)], str(shard_dir), "tiny", BuildConfig(shard_samples=8, tokenizer=str(model_dir))

@@ -6,9 +6,9 @@
     state = loader.state_dict()              # save with the checkpoint
     loader.load_state_dict(state)            # in a new process: continues with the next batch
 
-The epoch plan (higgs_ds.epoch_plan) fixes every rank's micro-batches before the epoch starts; each
+The epoch plan (higgs_ds.stream.plan) fixes every rank's micro-batches before the epoch starts; each
 dataloader worker reads its round-robin share, encodes (boson's prepare_chatml_sample, or the ids stored
-at build time) and collates (higgs_ds.collate) whole batches. This replaces ms-swift's rank-0 streaming
+at build time) and collates (higgs_ds.stream.collate) whole batches. This replaces ms-swift's rank-0 streaming
 dispatcher.
 
 Two guards keep a rank from training on something it was not meant to, or from waiting forever:
@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from higgs_ds.checkpoint import check_data_state
-from higgs_ds.collate import BatchCollator
-from higgs_ds.encoding import SampleEncoder, tokenizer_fingerprint
-from higgs_ds.epoch_plan import (
+from higgs_ds.train.checkpoint import check_data_state
+from higgs_ds.stream.collate import BatchCollator
+from higgs_ds.stream.tokens import SampleEncoder, tokenizer_fingerprint
+from higgs_ds.stream.plan import (
     BatchingConfig,
     PlanError,
     batches_for_worker,
@@ -47,7 +47,7 @@ from higgs_ds.epoch_plan import (
     plan_epoch,
 )
 from higgs_ds.errors import UserError
-from higgs_ds.shard_reader import load_index, read_positions, shard_refs
+from higgs_ds.stream.reader import load_index, read_positions, shard_refs
 
 log = logging.getLogger(__name__)
 # Workers are forked after the tokenizer ran in the parent; the Rust pool must not be shared.

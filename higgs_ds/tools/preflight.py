@@ -31,11 +31,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from higgs_ds.codec import sha256_file
-from higgs_ds.epoch_plan import plan_epoch
+from higgs_ds.shards.codec import sha256_file
+from higgs_ds.stream.plan import plan_epoch
 from higgs_ds.errors import CheckFailed, UserError
-from higgs_ds.shard_format import shard_file_problem
-from higgs_ds.shard_reader import codec_mismatches, load_index, shard_refs
+from higgs_ds.shards.format import shard_file_problem
+from higgs_ds.stream.reader import codec_mismatches, load_index, shard_refs
 
 # Fraction of a GPU the model states may take: the rest is for activations, buffers and fragmentation.
 MODEL_STATES_SHARE = 0.8
@@ -94,7 +94,7 @@ def model_sizes(model_dir: str, tuner: str = "full", train_modules: str = "all",
     import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 
-    from higgs_ds.model_patches import AUDIO_FFN_LINEARS, is_audio_parameter
+    from higgs_ds.models.patches import AUDIO_FFN_LINEARS, is_audio_parameter
 
     try:
         with torch.device("meta"):
@@ -376,7 +376,7 @@ def run(
 ) -> int:
     """The `higgs-ds preflight` command: prints the plan and returns 0, or raises UserError (exit 2) for
     wrong inputs and CheckFailed (exit 1) for a run that does not fit, naming every problem on one line."""
-    from higgs_ds.train import resolve_config
+    from higgs_ds.train.run import resolve_config
 
     cfg = resolve_config(config_path, overrides)  # ConfigError is a UserError
     report = preflight(cfg, nodes, gpus_per_node, gpu_memory_gb, hashes)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from higgs_ds.collate import make_collator
-from higgs_ds.encoding import chatml_tokens
+from higgs_ds.stream.collate import make_collator
+from higgs_ds.stream.tokens import chatml_tokens
 
 # The serve engine's forced-audio suffix (serve_engine.py, _prepare_inputs with force_audio_gen=True).
 AUDIO_GEN_POSTFIX = "<|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>"

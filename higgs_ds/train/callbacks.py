@@ -14,11 +14,11 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from higgs_ds.checkpoint import stop_requested
+from higgs_ds.train.checkpoint import stop_requested
 
 
 class StopRequestCallback(TrainerCallback):
-    """Stop cleanly when a stop file appears (see higgs_ds.checkpoint): rank 0 looks, every rank agrees
+    """Stop cleanly when a stop file appears (see higgs_ds.train.checkpoint): rank 0 looks, every rank agrees
     through one all-reduce per step, then HF saves a checkpoint and leaves the loop on every rank."""
 
     def __init__(self, output_dir: str):

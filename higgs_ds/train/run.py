@@ -1,7 +1,7 @@
 """`higgs-ds train CONFIG [--key value ...]`: one training run, under torchrun (one process per device),
 or started directly as a single process (a laptop, one GPU; with or without a DeepSpeed config).
 
-    torchrun --nproc_per_node 2 -m higgs_ds.train configs/demo.toml --max_steps 40
+    torchrun --nproc_per_node 2 -m higgs_ds.train.run configs/demo.toml --max_steps 40
     higgs-ds train configs/demo.toml --max_steps 40          # one process
 
 The config chooses the model directory, the shard directories, the DeepSpeed config, the optimisation
@@ -15,12 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from higgs_ds.config import ConfigError, describe, load_config, to_dict
-from higgs_ds.dataloader import DataConfig
+from higgs_ds.train.config import ConfigError, describe, load_config, to_dict
+from higgs_ds.stream.loader import DataConfig
 from higgs_ds.errors import EXIT_CODES_HELP, UserError, report
-from higgs_ds.evaluation import EvalConfig
-from higgs_ds.loss import LossConfig
-from higgs_ds.model_trust import check_model_dir
+from higgs_ds.eval.validation import EvalConfig
+from higgs_ds.train.loss import LossConfig
+from higgs_ds.models.trust import check_model_dir
 from higgs_ds.safe_io import atomic_write_json, redact
 
 
@@ -106,7 +106,7 @@ def resolve_config(path: str | None, overrides: list[str]) -> TrainConfig:
     if not cfg.model:
         raise ConfigError('no model directory: set `model = "..."` in the config or pass --model DIR')
     # A local directory that carries no code (ms-swift reads configs with trust_remote_code=True; the
-    # plugin also makes remote code impossible in the process, see higgs_ds.model_trust).
+    # plugin also makes remote code impossible in the process, see higgs_ds.models.trust).
     check_model_dir(cfg.model)
     if not cfg.data.shards:
         raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     path, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
     try:
         cfg = resolve_config(path, rest)
-        from higgs_ds import swift_plugin  # heavy imports only once the config is known to be good
+        from higgs_ds.train.swift import plugin as swift_plugin  # heavy imports only once the config is known to be good
 
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if int(os.environ.get("RANK", "0")) == 0:

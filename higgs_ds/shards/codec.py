@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_ds.errors import UserError
-from higgs_ds.tiny import CODEBOOK_SIZE, CODEC_RATIOS, CODEC_SAMPLE_RATE, NUM_CODEBOOKS
+from higgs_ds.models.tiny import CODEBOOK_SIZE, CODEC_RATIOS, CODEC_SAMPLE_RATE, NUM_CODEBOOKS
 
 # The released codec's config.json (bosonai/higgs-audio-v2-tokenizer).
 RELEASED_CODEC_CONFIG = {

@@ -1,6 +1,6 @@
 """Model directories are data: nothing in one is ever executed, and nothing is downloaded.
 
-Two layers, used by `higgs-ds train` and by `swift sft --external_plugins higgs_ds/swift_plugin.py` (and
+Two layers, used by `higgs-ds train` and by `swift sft --external_plugins higgs_ds/train/swift/plugin.py` (and
 meant for anything else that loads a model directory: export, check-export, generate, preflight):
 
 - `forbid_remote_code()` replaces transformers' remote-code machinery (`transformers.dynamic_module_utils`)
@@ -15,7 +15,7 @@ meant for anything else that loads a model directory: export, check-export, gene
   (any depth of the JSON), `configuration_files` may name only files beside config.json, and SWIFT's
   args.json (if any) may not name plugins to import.
 
-    from higgs_ds.model_trust import check_model_dir, forbid_remote_code
+    from higgs_ds.models.trust import check_model_dir, forbid_remote_code
     forbid_remote_code()          # once per process, before configs are loaded
     check_model_dir(cfg.model)    # UserError naming the file and saying what to do
 """
@@ -217,7 +217,7 @@ def _check_swift_args(root: Path, args) -> None:
     would be imported with --load_args true. The one allowed is this package's own plugin."""
     if not isinstance(args, dict):
         return
-    own = (Path(__file__).parent / "swift_plugin.py").resolve()
+    own = (Path(__file__).parents[1] / "swift_plugin.py").resolve()
     for key in ("external_plugins", "custom_register_path"):
         named = args.get(key) or []
         named = [named] if isinstance(named, str) else named

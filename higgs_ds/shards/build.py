@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_ds.audio import AudioError, load_audio
-from higgs_ds.codec import sha256_file
+from higgs_ds.shards.audio import AudioError, load_audio
+from higgs_ds.shards.codec import sha256_file
 from higgs_ds.errors import CheckFailed, UserError
-from higgs_ds.manifest import ManifestSample, Reject, audio_items, check_manifest_path, iter_manifests, manifest_lines
+from higgs_ds.shards.manifest import ManifestSample, Reject, audio_items, check_manifest_path, iter_manifests, manifest_lines
 from higgs_ds.safe_io import DirLock, atomic_write_text, fsync_dir, publish, temp_path
-from higgs_ds.shard_writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
+from higgs_ds.shards.writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ _WORKER: dict = {}
 def _init_worker(codec_spec: str, device: str, tokenizer: str | None, threads: int, codec=None) -> None:
     import torch
 
-    from higgs_ds.codec import resolve_codec
+    from higgs_ds.shards.codec import resolve_codec
 
     torch.set_num_threads(threads)
     _WORKER["codec"] = codec or resolve_codec(codec_spec, device=device)
@@ -149,7 +149,7 @@ def _tokens(chatml: dict, frames: list[int], sample_id) -> dict:
     tok = _WORKER.get("tokenizer")
     if tok is None:
         return {}
-    from higgs_ds.encoding import chatml_tokens, clone_parts, expanded_length, plain_tts
+    from higgs_ds.stream.tokens import chatml_tokens, clone_parts, expanded_length, plain_tts
 
     input_ids, label_ids, _ = chatml_tokens(chatml, tok, sample_id)
     out = {"input_ids": input_ids, "label_ids": label_ids, "expanded_length": expanded_length(len(input_ids), frames)}
@@ -505,7 +505,7 @@ def build_shards(
 def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig, device: str, progress: bool) -> dict:
     from tqdm import tqdm
 
-    from higgs_ds.codec import resolve_codec
+    from higgs_ds.shards.codec import resolve_codec
 
     started = time.time()
     pattern, index_name, rejects_name, journal_name = slice_names(cfg)
@@ -673,7 +673,7 @@ def _fingerprint(tokenizer_dir: str | None) -> str | None:
         return None
     from transformers import AutoTokenizer
 
-    from higgs_ds.encoding import tokenizer_fingerprint
+    from higgs_ds.stream.tokens import tokenizer_fingerprint
 
     return tokenizer_fingerprint(AutoTokenizer.from_pretrained(tokenizer_dir))
 

@@ -33,9 +33,9 @@ import numpy as np
 import orjson
 
 from higgs_ds.errors import UserError
-from higgs_ds.manifest import BadSample, audio_items
-from higgs_ds.manifest import _check_chatml as check_chatml
-from higgs_ds.shard_writer import SCHEMA_VERSION
+from higgs_ds.shards.manifest import BadSample, audio_items
+from higgs_ds.shards.manifest import _check_chatml as check_chatml
+from higgs_ds.shards.writer import SCHEMA_VERSION
 
 REBUILD = "rebuild the shard with `higgs-ds shards build`"
 INDEX_FIX = (

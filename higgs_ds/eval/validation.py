@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from higgs_ds.config import ConfigError
+from higgs_ds.train.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ def eval_data_config(cfg: EvalConfig, data):
 
 def prompt_records(shard_dirs: list[str], count: int) -> list[dict]:
     """The first `count` samples that end in a trained assistant audio turn, in index order."""
-    from higgs_ds.generate import has_audio
-    from higgs_ds.shard_reader import load_index, read_shard
+    from higgs_ds.eval.generate import has_audio
+    from higgs_ds.stream.reader import load_index, read_shard
 
     records = []
     for d in shard_dirs:
@@ -80,7 +80,7 @@ class AudioSamples:
     """Generates the evaluation prompts' audio; call `run` on every rank at every evaluation."""
 
     def __init__(self, cfg: EvalConfig, output_dir: str):
-        from higgs_ds.codec import resolve_codec
+        from higgs_ds.shards.codec import resolve_codec
 
         self.cfg, self.output_dir = cfg, Path(output_dir)
         self.records = prompt_records(cfg.shards, cfg.generate)
@@ -94,7 +94,7 @@ class AudioSamples:
         self.codec = resolve_codec(cfg.codec, device="cpu")
 
     def run(self, model, tokenizer, step: int, writer=None, is_main: bool = True) -> list[Path]:
-        from higgs_ds.generate import decode, generate_codes
+        from higgs_ds.eval.generate import decode, generate_codes
 
         written = []
         for i, record in enumerate(self.records):

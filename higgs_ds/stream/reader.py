@@ -1,7 +1,7 @@
 """Stage 5 of the data flow: shard directories -> this rank's and this worker's raw samples.
 
-Which samples a rank and worker read is decided by higgs_ds.epoch_plan; this module reads them, through the
-strict parsers of higgs_ds.shard_format (the only code that interprets a shard's bytes):
+Which samples a rank and worker read is decided by higgs_ds.stream.plan; this module reads them, through the
+strict parsers of higgs_ds.shards.format (the only code that interprets a shard's bytes):
 
 - `load_index(dir)`: index.json parsed and schema-checked, and (check_files) every listed shard a regular
   file inside the directory with the size the index says: before training starts, on every rank.
@@ -21,8 +21,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from higgs_ds.epoch_plan import ShardRef
-from higgs_ds.shard_format import (
+from higgs_ds.stream.plan import ShardRef
+from higgs_ds.shards.format import (
     INDEX_FIX,
     MEMBER_TYPES,
     SampleLimits,
@@ -38,7 +38,7 @@ from higgs_ds.shard_format import (
     scan_tar,
     shard_file_problem,
 )
-from higgs_ds.shard_writer import INDEX_NAME
+from higgs_ds.shards.writer import INDEX_NAME
 
 __all__ = ["MEMBER_TYPES", "ShardError", "load_index", "member_table", "read_positions", "read_shard", "shard_refs"]
 

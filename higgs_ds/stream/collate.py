@@ -204,7 +204,7 @@ class BatchCollator:
     """EncodedSamples -> the dict a HF-style trainer passes to forward.
 
     `labels` is the unexpanded text labels, kept because HF/SWIFT trainers expect the key; the loss
-    uses the model's expanded labels instead (see higgs_ds.loss). `sample_ids` names the samples."""
+    uses the model's expanded labels instead (see higgs_ds.train.loss). `sample_ids` names the samples."""
 
     def __init__(self, model_config, mode: str = "fast", check_batches: int = 1):
         if mode not in ("fast", "boson"):

@@ -38,10 +38,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from higgs_ds.checkpoint import deepspeed_tag, is_complete, latest_complete
+from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
 from higgs_ds.errors import UserError
-from higgs_ds.model_patches import patch_for_training
-from higgs_ds.model_trust import check_model_dir, forbid_remote_code
+from higgs_ds.models.patches import patch_for_training
+from higgs_ds.models.trust import check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, is_secret_key, redact
 
 COPIED_FILES = (
@@ -213,7 +213,7 @@ def _shard_dirs(run_cfg: dict, ckpt: Path) -> list[str]:
 
 
 def _shard_index(shard_dir: str) -> tuple[dict, Path] | None:
-    from higgs_ds.shard_reader import load_index
+    from higgs_ds.stream.reader import load_index
 
     path = Path(shard_dir) / "index.json"
     return (load_index(shard_dir, check_files=False), path) if path.is_file() else None
@@ -593,7 +593,7 @@ def check_export(model_dir: str, probe_path: str, atol: float = 1e-5, rtol: floa
     import torch
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from higgs_ds.collate import model_inputs
+    from higgs_ds.stream.collate import model_inputs
 
     forbid_remote_code()
     check_model_dir(model_dir)

@@ -1,0 +1,1 @@
+"""Validation sets and generated validation audio."""

@@ -1,0 +1,1 @@
+"""The model families: detection, loading, trust checks, tiny models built offline."""

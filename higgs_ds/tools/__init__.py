@@ -1,0 +1,1 @@
+"""Commands around training: preflight, export, the demo."""

@@ -1,0 +1,1 @@
+"""Stage 8-9: run config, loss, checkpoints, metrics, and the SWIFT trainer (train.swift)."""
