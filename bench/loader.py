@@ -34,9 +34,9 @@ def make_shards(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from higgs_ds.stream.tokens import chatml_tokens, expanded_length, tokenizer_fingerprint
-    from higgs_ds.shards.writer import ShardWriter, write_index
     from higgs_ds.models.tiny import CODEBOOK_SIZE
+    from higgs_ds.shards.writer import ShardWriter, write_index
+    from higgs_ds.stream.tokens import chatml_tokens, expanded_length, tokenizer_fingerprint
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rng = np.random.RandomState(seed)

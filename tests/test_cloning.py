@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from higgs_ds.stream.loader import DataConfig, ShardStream, build_dataloader
-from higgs_ds.stream.tokens import chatml_tokens, clone_chatml, expanded_length
 from higgs_ds.stream.plan import BatchingConfig, PlanError, ShardRef, clone_length, plan_epoch
 from higgs_ds.stream.reader import load_index, read_shard, shard_refs
+from higgs_ds.stream.tokens import chatml_tokens, clone_chatml, expanded_length
 
 PLAIN = {"alice_001", "alice_004", "bob_002", "bob_016", "carol_003", "carol_009"}  # small_shards' plain TTS
 

@@ -139,8 +139,8 @@ def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, t
     from transformers import AutoTokenizer
 
     from higgs_ds.stream.loader import ShardStream
-    from higgs_ds.stream.tokens import SampleEncoder
     from higgs_ds.stream.reader import read_shard
+    from higgs_ds.stream.tokens import SampleEncoder
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert ShardStream(DataConfig(shards=[str(small_shards)]), tok, rank=0, world_size=1).encode.stored_tokens
@@ -156,8 +156,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_mo
     import torch.utils.checkpoint
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from higgs_ds.train.loss import higgs_loss
     from higgs_ds.models.patches import patch_for_training
+    from higgs_ds.train.loss import higgs_loss
 
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint

@@ -52,8 +52,8 @@ DIALOGUES = [
 def dialogue_batch(tmp_path_factory, tiny_codec, tiny_model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
-    from higgs_ds.stream.loader import DataConfig, ShardStream, build_dataloader
     from higgs_ds.shards.build import BuildConfig, build_shards
+    from higgs_ds.stream.loader import DataConfig, ShardStream, build_dataloader
 
     folder = tmp_path_factory.mktemp("dialogue")
     manifest = write_manifest(folder, DIALOGUES)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from higgs_ds.stream.reader import ShardError, load_index, member_table, read_positions, read_shard, shard_refs
 from higgs_ds.shards.writer import encode_codes
+from higgs_ds.stream.reader import ShardError, load_index, member_table, read_positions, read_shard, shard_refs
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = {"codec": "test", "num_codebooks": 8, "codebook_size": 1024, "sample_rate": 24000, "hop_length": 960}

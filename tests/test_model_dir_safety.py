@@ -94,8 +94,8 @@ def test_remote_code_is_impossible_in_the_process_whatever_the_caller_trusts(tmp
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.models.auto import tokenization_auto
 
-    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  installs the guard, as both entry points do
     from higgs_ds.models.trust import RemoteCodeRefused
+    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  installs the guard, as both entry points do
 
     marker = tmp_path / "MARKER"
     model = hostile_model_dir(tmp_path, tiny_model_dir, marker)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from higgs_ds.tools import preflight as pf
 from higgs_ds.errors import CheckFailed, UserError
+from higgs_ds.tools import preflight as pf
 from higgs_ds.tools.preflight import run
 
 from .conftest import REPO, train_cmd, train_env

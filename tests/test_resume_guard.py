@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from higgs_ds.train.checkpoint import is_complete, latest_complete, read_data_state, write_data_state
+from higgs_ds.errors import UserError
 from higgs_ds.stream.loader import DataConfig, EpochDataLoader, ShardStream, build_dataloader
 from higgs_ds.stream.plan import PlanError
-from higgs_ds.errors import UserError
 from higgs_ds.stream.reader import ShardError
+from higgs_ds.train.checkpoint import is_complete, latest_complete, read_data_state, write_data_state
 
 WHAT_TO_DO = "resume with the saved settings and shards, or train into a new output_dir"
 

@@ -8,10 +8,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from higgs_ds.stream.plan import ShardRef
 from higgs_ds.shards.format import decode_codes, scan_tar
-from higgs_ds.stream.reader import ShardError, member_table, read_positions, read_shard
 from higgs_ds.shards.writer import encode_codes
+from higgs_ds.stream.plan import ShardRef
+from higgs_ds.stream.reader import ShardError, member_table, read_positions, read_shard
 
 
 def _write_tar(path, members: dict, fmt=tarfile.USTAR_FORMAT):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from higgs_ds.stream.collate import model_inputs
-from higgs_ds.train.config import ConfigError, load_config
 from higgs_ds.stream.loader import DataConfig
+from higgs_ds.train.config import ConfigError, load_config
 from higgs_ds.train.run import TrainConfig
 from higgs_ds.train.run import main as train_main
 
@@ -68,8 +68,8 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     from swift.model import get_model_processor
     from swift.template import get_template
 
-    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  registers higgs_audio with ms-swift
     from higgs_ds.stream.loader import ShardStream
+    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  registers higgs_audio with ms-swift
 
     model, processor = get_model_processor(str(tiny_model_dir), model_type="higgs_audio", torch_dtype="float32")
     template = get_template(processor, template_type="higgs_audio")

@@ -31,11 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ds.errors import CheckFailed, UserError
+from higgs_ds.safe_io import DirLock, atomic_write_text, fsync_dir, publish, temp_path
 from higgs_ds.shards.audio import AudioError, load_audio
 from higgs_ds.shards.codec import sha256_file
-from higgs_ds.errors import CheckFailed, UserError
-from higgs_ds.shards.manifest import ManifestSample, Reject, audio_items, check_manifest_path, iter_manifests, manifest_lines
-from higgs_ds.safe_io import DirLock, atomic_write_text, fsync_dir, publish, temp_path
+from higgs_ds.shards.manifest import (
+    ManifestSample,
+    Reject,
+    audio_items,
+    check_manifest_path,
+    iter_manifests,
+    manifest_lines,
+)
 from higgs_ds.shards.writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
 
 

@@ -16,10 +16,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from higgs_ds.stream.tokens import plain_tts, speaker_of
 from higgs_ds.errors import UserError
 from higgs_ds.shards.format import REBUILD, shard_file_problem
 from higgs_ds.stream.reader import ShardError, load_index, read_shard
+from higgs_ds.stream.tokens import plain_tts, speaker_of
 
 
 def verify_shards(shard_dir: str, progress: bool = True) -> dict:

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from higgs_ds.safe_io import atomic_write_json, publish, temp_path
 from higgs_ds.shards.codec import sha256_file
 from higgs_ds.stream.tokens import plain_tts, speaker_of
-from higgs_ds.safe_io import atomic_write_json, publish, temp_path
 
 # "speakers" and "clone_parts" were added to schema 1 as optional per-shard lists: an index written before
 # them is still read (without them, cloning references are refused with a message to rebuild)

@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from higgs_ds.train.checkpoint import check_data_state
+from higgs_ds.errors import UserError
 from higgs_ds.stream.collate import BatchCollator
-from higgs_ds.stream.tokens import SampleEncoder, tokenizer_fingerprint
 from higgs_ds.stream.plan import (
     BatchingConfig,
     PlanError,
@@ -46,8 +45,9 @@ from higgs_ds.stream.plan import (
     check_weights,
     plan_epoch,
 )
-from higgs_ds.errors import UserError
 from higgs_ds.stream.reader import load_index, read_positions, shard_refs
+from higgs_ds.stream.tokens import SampleEncoder, tokenizer_fingerprint
+from higgs_ds.train.checkpoint import check_data_state
 
 log = logging.getLogger(__name__)
 # Workers are forked after the tokenizer ran in the parent; the Rust pool must not be shared.

@@ -21,7 +21,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from higgs_ds.stream.plan import ShardRef
 from higgs_ds.shards.format import (
     INDEX_FIX,
     MEMBER_TYPES,
@@ -39,6 +38,7 @@ from higgs_ds.shards.format import (
     shard_file_problem,
 )
 from higgs_ds.shards.writer import INDEX_NAME
+from higgs_ds.stream.plan import ShardRef
 
 __all__ = ["MEMBER_TYPES", "ShardError", "load_index", "member_table", "read_positions", "read_shard", "shard_refs"]
 

@@ -38,11 +38,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
 from higgs_ds.errors import UserError
 from higgs_ds.models.patches import patch_for_training
 from higgs_ds.models.trust import check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, is_secret_key, redact
+from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
 
 COPIED_FILES = (
     "config.json",

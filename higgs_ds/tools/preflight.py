@@ -31,10 +31,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from higgs_ds.shards.codec import sha256_file
-from higgs_ds.stream.plan import plan_epoch
 from higgs_ds.errors import CheckFailed, UserError
+from higgs_ds.shards.codec import sha256_file
 from higgs_ds.shards.format import shard_file_problem
+from higgs_ds.stream.plan import plan_epoch
 from higgs_ds.stream.reader import codec_mismatches, load_index, shard_refs
 
 # Fraction of a GPU the model states may take: the rest is for activations, buffers and fragmentation.

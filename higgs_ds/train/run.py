@@ -15,13 +15,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from higgs_ds.train.config import ConfigError, describe, load_config, to_dict
-from higgs_ds.stream.loader import DataConfig
 from higgs_ds.errors import EXIT_CODES_HELP, UserError, report
 from higgs_ds.eval.validation import EvalConfig
-from higgs_ds.train.loss import LossConfig
 from higgs_ds.models.trust import check_model_dir
 from higgs_ds.safe_io import atomic_write_json, redact
+from higgs_ds.stream.loader import DataConfig
+from higgs_ds.train.config import ConfigError, describe, load_config, to_dict
+from higgs_ds.train.loss import LossConfig
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     path, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
     try:
         cfg = resolve_config(path, rest)
-        from higgs_ds.train.swift import plugin as swift_plugin  # heavy imports only once the config is known to be good
+        from higgs_ds.train.swift import (
+            plugin as swift_plugin,  # heavy imports only once the config is known to be good
+        )
 
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if int(os.environ.get("RANK", "0")) == 0:

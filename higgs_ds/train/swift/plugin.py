@@ -37,7 +37,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 
 import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
@@ -50,20 +49,8 @@ from swift.template.templates.llama import Llama3TemplateMeta
 from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
 
-from higgs_ds.train.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
-from higgs_ds.train.checkpoint import (
-    CheckpointError,
-    is_complete,
-    latest_complete,
-    read_data_state,
-    stop_files,
-    write_data_state,
-)
-from higgs_ds.stream.collate import BatchCollator, model_inputs
-from higgs_ds.stream.loader import DataConfig, EpochDataLoader, ShardStream
 from higgs_ds.errors import UserError, exit_on_user_error
 from higgs_ds.eval.validation import AudioSamples, EvalConfig, eval_data_config
-from higgs_ds.train.loss import LossConfig, higgs_loss, target_counts
 from higgs_ds.models.patches import (
     AUDIO_FFN_LINEARS,
     AUDIO_HEAD_AND_EMBEDDINGS,
@@ -74,8 +61,20 @@ from higgs_ds.models.patches import (
 )
 from higgs_ds.models.trust import NOT_A_DIRECTORY, check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import atomic_write_bytes, atomic_write_text, is_secret_key, redact
-from higgs_ds.stream.reader import codec_mismatches, load_index
 from higgs_ds.shards.writer import INDEX_NAME
+from higgs_ds.stream.collate import BatchCollator, model_inputs
+from higgs_ds.stream.loader import DataConfig, EpochDataLoader, ShardStream
+from higgs_ds.stream.reader import codec_mismatches, load_index
+from higgs_ds.train.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
+from higgs_ds.train.checkpoint import (
+    CheckpointError,
+    is_complete,
+    latest_complete,
+    read_data_state,
+    stop_files,
+    write_data_state,
+)
+from higgs_ds.train.loss import LossConfig, higgs_loss, target_counts
 
 # Before SWIFT loads anything: no config, tokenizer or model may run code of its own (see model_trust).
 forbid_remote_code()
