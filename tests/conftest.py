@@ -15,6 +15,21 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "shards" / "demo"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "native_env: needs the native family's environment (transformers 5.x)")
+    config.addinivalue_line("markers", "boson_env: needs boson's environment (boson_multimodal, transformers 4.46)")
+
+
+def pytest_collection_modifyitems(config, items):
+    from higgs_ds.models.family import environment_family
+
+    here = environment_family()
+    for item in items:
+        for family in ("native", "boson"):
+            if family != here and item.get_closest_marker(f"{family}_env"):
+                item.add_marker(pytest.mark.skip(reason=f"runs in the {family} environment (this one is {here})"))
+
+
 def demo_lines(ids: set[str]) -> list[dict]:
     lines = [json.loads(line) for line in (DEMO / "manifest.jsonl").read_text().splitlines() if line.strip()]
     return [line for line in lines if line["misc"]["id"] in ids]
