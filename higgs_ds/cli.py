@@ -104,6 +104,12 @@ def _export(args):
     print(f"exported {export(args.checkpoint, args.out, dtype=args.dtype, merge_lora=args.merge_lora, base=args.base)}")
 
 
+def _convert(args):
+    from higgs_ds.models.convert import convert_model
+
+    print(f"converted {args.dir} -> {convert_model(args.dir, args.to, args.out)} ({args.to} format)")
+
+
 def _check_export(args):
     from higgs_ds.tools.export import check_export
 
@@ -132,6 +138,30 @@ def _demo(args):
     from higgs_ds.tools.demo import run_demo
 
     return run_demo(args.workdir, steps=args.steps)
+
+
+CONVERT_HELP = """\
+Convert a Higgs-Audio v2 model directory between its two formats; the weights are copied bit for bit.
+
+  native  transformers' HiggsAudioV2ForConditionalGeneration (config model_type higgs_audio_v2,
+          transformers >= 5.3): the `main` branch of bosonai/higgs-audio-v2-generation-3B-base since
+          April 2026. The default environment (.venv) trains it. Written with the processor, chat template
+          and generation config of that layout.
+  boson   boson_multimodal's HiggsAudioModel (model_type higgs_audio, transformers 4.46): revision
+          10840182ca4ad5d9d9113b60b9bb3c1ef1ba3f84 of that repository, community fine-tunes made with
+          boson's code, `higgs-ds export --format boson`. The boson environment (.venv-boson) trains it.
+
+Fine-tunes and merged LoRA exports convert like the release (LoRA adapters: merge them first with
+`higgs-ds export --merge-lora`). A codec directory converts too (boson's config.json + model.pth,
+revision 9d4988fb of bosonai/higgs-audio-v2-tokenizer <-> native HiggsAudioV2TokenizerModel, its `main`).
+
+Refused, naming the key or setting, with nothing written: a missing, unexpected or mis-shaped weight; a
+boson architecture the native class cannot compute (a layer without the audio FFN, the stack adapter,
+audio_decoder_proj_num_layers > 0, an audio-out embedding projector or self-attention, Whisper features
+or an audio tower, averaged audio embeddings, no delay pattern, the RQ-transformer); a rope other than
+default/llama3; audio token ids that disagree with the tokenizer; an --out that exists and is not empty.
+boson's partially frozen embedding/head halves are joined. The directory is built beside --out and
+renamed into place."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,6 +255,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--merge-lora", action="store_true", help="merge a LoRA checkpoint's adapters into its base model")
     s.add_argument("--base", default=None, help="LoRA base model directory (default: the one recorded in the adapter)")
     s.set_defaults(func=_export)
+
+    s = sub.add_parser(
+        "convert",
+        help="convert a model (or codec) directory between the native and boson formats, exactly",
+        description=CONVERT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES_HELP,
+    )
+    s.add_argument("dir", help="the model or codec directory to convert (left as it is)")
+    s.add_argument("--to", required=True, choices=["native", "boson"], help="the format to write")
+    s.add_argument("--out", required=True, help="a new (or empty) folder for the converted directory")
+    s.set_defaults(func=_convert)
 
     s = sub.add_parser("check-export", help="reload an export and compare its logits with the trained model's")
     s.add_argument("model_dir")
