@@ -604,8 +604,6 @@ def _build(src: Path, family: str, to: str, tmp: Path) -> list[str]:
 
 def _source_family(src: Path) -> str | None:
     """The model family of `src`, or None when it is a codec directory."""
-    if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
-        raise ConvertError(f"{src} holds LoRA adapters, not a model: merge them first (`higgs-ds export --merge-lora`)")
     try:
         return model_family(src)
     except FamilyError as err:
@@ -621,7 +619,12 @@ def convert_model(src_dir: str | os.PathLike, to: str, out_dir: str | os.PathLik
     from higgs_ds.models.trust import check_model_dir
 
     if to not in FAMILIES:
-        raise ConvertError(f"--to {to!r}: choose one of {', '.join(FAMILIES)}")
+        raise ConvertError(f"{src_dir}: --to {to!r}: choose one of {', '.join(FAMILIES)}")
+    if (Path(src_dir) / "adapter_config.json").is_file() and not (Path(src_dir) / "config.json").is_file():
+        raise ConvertError(
+            f"{src_dir} holds LoRA adapters, not a model: merge them into their base first "
+            "(`higgs-ds export CHECKPOINT --merge-lora --out DIR`), then convert DIR"
+        )
     src = check_model_dir(src_dir)  # a directory of data only (no Python files, no auto_map)
     family = _source_family(src)
     if family is None:
