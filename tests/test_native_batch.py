@@ -355,3 +355,31 @@ def test_tiny_directory_loads_with_plain_transformers(tiny_dir):
     generation = GenerationConfig.from_pretrained(tiny_dir)
     assert (generation.ras_win_len, generation.ras_win_max_num_repeat) == (7, 2)
     assert (model.generation_config.ras_win_len, model.generation_config.eos_token_id) == (7, 265)  # <|eot_id|>
+
+
+def test_extras_are_what_transformers_writes(tmp_path, tokenizer):
+    """processor_config.json, chat_template.jinja and the tokenizer files equal HiggsAudioV2Processor's own
+    save_pretrained output (its audio tokenizer built on the meta device: only its class and name are saved),
+    with the feature extractor settings of transformers' converter."""
+    from transformers import (
+        DacFeatureExtractor,
+        HiggsAudioV2Processor,
+        HiggsAudioV2TokenizerConfig,
+        HiggsAudioV2TokenizerModel,
+    )
+
+    from higgs_ds.models.native.layout import CHAT_TEMPLATE, write_native_extras
+
+    with torch.device("meta"):
+        codec = HiggsAudioV2TokenizerModel(HiggsAudioV2TokenizerConfig())
+    codec.name_or_path = "bosonai/higgs-audio-v2-tokenizer"
+    features = DacFeatureExtractor(
+        feature_size=1, hop_length=1, padding_side="right", padding_value=0.0, sampling_rate=24000,
+        return_attention_mask=True,
+    )  # fmt: skip
+    HiggsAudioV2Processor(features, tokenizer, codec, chat_template=CHAT_TEMPLATE).save_pretrained(tmp_path / "hf")
+    write_native_extras(tmp_path / "ours", tokenizer)
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads((tmp_path / "hf" / name).read_text())
+    template = "chat_template.jinja"
+    assert (tmp_path / "ours" / template).read_text() == (tmp_path / "hf" / template).read_text()

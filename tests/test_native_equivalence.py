@@ -14,7 +14,8 @@ higgs_ds.models.convert, loaded strictly, the same EncodedSamples are collated w
 * the layout itself: boson's expanded labels, its audio-code routing mask and audio-out mask, and
   label_audio_ids equal ours exactly.
 
-A control shows the tolerance is tight enough to see one changed code.
+A control shows the tolerance is tight enough to see one changed code. And the native directory's chat
+template renders each sample's conversation as exactly boson's prepare_chatml_sample tokens.
 """
 
 from __future__ import annotations
@@ -126,3 +127,23 @@ def test_the_tolerance_sees_one_changed_code(reference, native):
     text, audio = _forward(native[0], batch)
     assert np.abs(text[batch["attention_mask"].bool()].numpy() - ref["text_logits"]).max() > 100 * LOGIT_ATOL
     assert np.abs(audio.numpy() - ref["audio_logits"]).max() > 100 * LOGIT_ATOL
+
+
+@pytest.mark.timeout(300)
+def test_chat_template_renders_bosons_tokens(reference):
+    """The processor's chat template (layout.CHAT_TEMPLATE) gives boson's prepare_chatml_sample tokens for every
+    sample, with each audio item as the one placeholder the processor expands, <|AUDIO_OUT|>."""
+    from higgs_ds.models.native.layout import CHAT_TEMPLATE
+    from higgs_ds.models.tiny import build_tiny_tokenizer
+
+    _, arrays, meta = reference
+    tokenizer = build_tiny_tokenizer()
+    audio_in, audio_out = tokenizer.convert_tokens_to_ids(["<|AUDIO|>", "<|AUDIO_OUT|>"])
+    for i, chatml in enumerate(meta["chatml"]):
+        text = tokenizer.apply_chat_template(chatml["messages"], chat_template=CHAT_TEMPLATE, tokenize=False)
+        bosons = np.where(arrays[f"s{i}_input_ids"] == audio_in, audio_out, arrays[f"s{i}_input_ids"])
+        assert tokenizer.encode(text, add_special_tokens=False) == bosons.tolist(), meta["sample_ids"][i]
+    prompt = tokenizer.apply_chat_template(
+        meta["chatml"][0]["messages"][:2], chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<|audio_out_bos|>")

@@ -7,7 +7,8 @@ dual FFN visibly matter), OUT_DIR/reference.npz and OUT_DIR/reference.json: for 
 prepare_chatml_sample tokens and labels and the random codes; for every batch (each sample alone, and
 several together), what boson's HiggsAudioSampleCollator + HiggsAudioModel.forward give: text logits at the
 attended positions (row-major), the expanded labels, input ids and audio masks there, audio logits,
-label_audio_ids, and higgs_ds.train.loss.higgs_loss's total and terms. Plain arrays and JSON only.
+label_audio_ids, and higgs_ds.train.loss.higgs_loss's total and terms; the samples' ChatML. Plain arrays and
+JSON only.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def main(out_dir: Path) -> None:
         for key, value in run_batch(model, collator, [samples[i] for i in members]).items():
             arrays[f"b{j}_{key}"] = value
     np.savez(out_dir / "reference.npz", **arrays)
-    meta = {"sample_ids": [s.sample_id for s in samples], "batches": batches, "model_dir": str(model_dir)}
+    meta = {"sample_ids": [s.sample_id for s in samples], "batches": batches, "chatml": chatml}
     (out_dir / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 

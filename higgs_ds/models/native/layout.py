@@ -20,11 +20,13 @@ HiggsAudioV2Processor.from_pretrained reads it.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from higgs_ds.models.tiny import CODEBOOK_SIZE
 from higgs_ds.safe_io import atomic_write_json, atomic_write_text
 
+PROCESSOR_CLASS = "HiggsAudioV2Processor"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -148,8 +150,15 @@ def processor_config(audio_tokenizer: str | Path = DEFAULT_AUDIO_TOKENIZER) -> d
             "audio_tokenizer_name_or_path": reference,
         },
         "feature_extractor": dict(FEATURE_EXTRACTOR),
-        "processor_class": "HiggsAudioV2Processor",
+        "processor_class": PROCESSOR_CLASS,
     }
+
+
+def _mark_processor_tokenizer(path: Path) -> None:
+    """The processor_class entry HiggsAudioV2Processor.save_pretrained adds to the tokenizer's config."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["processor_class"] = PROCESSOR_CLASS
+    atomic_write_json(path, config, indent=2)
 
 
 def write_native_extras(out_dir: Path, tokenizer, audio_tokenizer: str | Path = DEFAULT_AUDIO_TOKENIZER) -> None:
@@ -161,6 +170,7 @@ def write_native_extras(out_dir: Path, tokenizer, audio_tokenizer: str | Path = 
     tokenizer = _with_pad(tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
+    _mark_processor_tokenizer(out_dir / "tokenizer_config.json")
     atomic_write_json(out_dir / GENERATION_CONFIG_FILE, generation_config(tokenizer), indent=2, sort_keys=True)
     atomic_write_json(out_dir / PROCESSOR_CONFIG_FILE, processor_config(audio_tokenizer), indent=2, sort_keys=True)
     atomic_write_text(out_dir / CHAT_TEMPLATE_FILE, CHAT_TEMPLATE)
