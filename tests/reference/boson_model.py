@@ -18,7 +18,8 @@ Run in the boson environment (boson_multimodal 0.1.1, transformers 4.46.3); writ
                                     HiggsAudioModel builds
     python tests/reference/boson_model.py load OUT.json DIR...
         per DIR: higgs_ds.models.strict.check_state_dict_matches against HiggsAudioModel's state dict, then
-        HiggsAudioModel.from_pretrained's loading info, and the text logits on TEXT_IDS (OUT.npz, key = index)
+        HiggsAudioModel.from_pretrained's loading info (or its exception), and the text logits on TEXT_IDS
+        (OUT.npz, key = the DIR's index)
     python tests/reference/boson_model.py export RUN OUT
         higgs-ds export of RUN's newest checkpoint in boson's format
 """
@@ -47,6 +48,7 @@ from higgs_ds.models.tiny import RELEASED_TEXT, TINY_TEXT, build_tiny_tokenizer,
 
 # A text-only prompt of the tiny tokenizer's ids (bytes and Llama-3 headers), 8 long: boson pads to 8.
 TEXT_IDS = [256, 262, 97, 115, 263, 10, 104, 105]
+FLOAT = torch.float32
 SPLIT_AT = 200  # rows of embed_tokens / text_lm_head kept frozen; 1026 = codebook 0 of the audio head
 NATIVE_DEFAULT_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
                        "original_max_position_embeddings": 1024}  # fmt: skip
@@ -131,7 +133,12 @@ def load(out: Path, dirs: list[Path]) -> None:
     results, logits = [], {}
     for i, model_dir in enumerate(dirs):
         error = _strict(model_dir)
-        model, info = HiggsAudioModel.from_pretrained(model_dir, torch_dtype=torch.float32, output_loading_info=True)
+        try:  # boson's own loader, to show what it does without the strict check
+            model, info = HiggsAudioModel.from_pretrained(model_dir, torch_dtype=FLOAT, output_loading_info=True)
+        except Exception as err:  # noqa: BLE001  (a directory broken on purpose: recorded, not fatal)
+            failed = f"{type(err).__name__}: {err}"
+            results.append({"dir": str(model_dir), "strict_error": error, "load_error": failed})
+            continue
         ids = torch.tensor([TEXT_IDS])
         with torch.no_grad():
             output = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
