@@ -24,6 +24,7 @@ pytestmark = pytest.mark.native_env
 BOSON_SCRIPT = REFERENCE / "boson_model.py"
 SHAPE_DIRS = ["tiny", "tiny_bf16", "release_layout", "cfg_bias", "cfg_release", "cfg_native_rope"]
 TEXT_IDS = [256, 262, 97, 115, 263, 10, 104, 105]  # boson_model.TEXT_IDS
+PROBE = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hé!<|eot_id|><|audio_out_bos|><|AUDIO_OUT|>"
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -253,6 +254,25 @@ def test_converted_boson_loads_strictly_in_boson_environment(native_tiny, trips)
     assert np.array_equal(trips["loads"]["tiny>n>b"][1], trips["loads"]["tiny"][1])
     diff = np.abs(trips["loads"]["n>b"][1] - native_text_logits(native_tiny)).max()
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.timeout(300)
+def test_converted_tokenizers_tokenize_alike_in_both_environments(native_tiny, trips):
+    """The tokenizer of a boson output (native's transformers 5 tokenizer_config rewritten for 4.46) loads in
+    the boson environment and tokenizes and decodes as the native tokenizers do here."""
+    from transformers import AutoTokenizer
+
+    def here(model_dir):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+        return {"ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=True), "bos": tokenizer.bos_token,
+                "eos": tokenizer.eos_token, "pad": tokenizer.pad_token, "vocab": len(tokenizer)}  # fmt: skip
+
+    native = here(native_tiny)
+    assert native["decoded"] == "user\n\nSay hé!" and len(native["ids"]) > 10
+    assert here(trips["tiny>n"]) == here(trips["n>b>n"]) == native
+    for name in ("tiny", "tiny>n>b", "n>b"):
+        assert trips["loads"][name][0]["tokens"] == native, name
 
 
 @pytest.mark.timeout(600)

@@ -434,6 +434,19 @@ def boson_generation_config(spec: ModelSpec) -> dict:
             "pad_token_id": ids["pad"], "transformers_version": BOSON_VERSION}  # fmt: skip
 
 
+def boson_tokenizer_config(config: dict) -> dict:
+    """A transformers 5 tokenizer_config.json in the form transformers 4.46 reads (the tokenizer itself,
+    tokenizer.json, is copied as it is): its class under the name 4.46 knows (5's TokenizersBackend is 4.46's
+    PreTrainedTokenizerFast), the special-token list under 4.46's key, no processor (boson has none)."""
+    config = {k: v for k, v in config.items() if k not in ("backend", "processor_class", "auto_map")}
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list) and "additional_special_tokens" not in config:
+        config["additional_special_tokens"] = extra
+    config.setdefault("clean_up_tokenization_spaces", False)  # transformers 5's behaviour, and the release's
+    return config
+
+
 # ------------------------------------------------------------------------------------------ the weights
 
 
@@ -592,6 +605,8 @@ def _build(src: Path, family: str, to: str, tmp: Path) -> list[str]:
     carried = [n for n in TOKENIZER_FILES + CARRIED_FILES if (src / n).is_file()]
     for name in carried:
         _copy_file(src / name, tmp / name)
+    if to == BOSON and "tokenizer_config.json" in carried:
+        _write_json(tmp / "tokenizer_config.json", boson_tokenizer_config(_read_json(src / "tokenizer_config.json")))
     if to == NATIVE:
         _write_json(tmp / "config.json", native_config(spec))
         _native_extras(src, tmp)

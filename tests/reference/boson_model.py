@@ -48,6 +48,7 @@ from higgs_ds.models.tiny import RELEASED_TEXT, TINY_TEXT, build_tiny_tokenizer,
 
 # A text-only prompt of the tiny tokenizer's ids (bytes and Llama-3 headers), 8 long: boson pads to 8.
 TEXT_IDS = [256, 262, 97, 115, 263, 10, 104, 105]
+PROBE = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hé!<|eot_id|><|audio_out_bos|><|AUDIO_OUT|>"
 FLOAT = torch.float32
 SPLIT_AT = 200  # rows of embed_tokens / text_lm_head kept frozen; 1026 = codebook 0 of the audio head
 NATIVE_DEFAULT_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
@@ -129,6 +130,19 @@ def _strict(model_dir: Path) -> str | None:
     return None
 
 
+def _tokens(model_dir: Path) -> dict:
+    """How the directory's tokenizer, loaded by transformers 4.46, tokenizes PROBE, and its special tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # noqa: BLE001  (recorded for the test to name)
+        return {"error": f"{type(err).__name__}: {err}"}
+    ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    return {"ids": ids, "decoded": tokenizer.decode(ids, skip_special_tokens=True), "bos": tokenizer.bos_token,
+            "eos": tokenizer.eos_token, "pad": tokenizer.pad_token, "vocab": len(tokenizer)}  # fmt: skip
+
+
 def load(out: Path, dirs: list[Path]) -> None:
     results, logits = [], {}
     for i, model_dir in enumerate(dirs):
@@ -144,7 +158,7 @@ def load(out: Path, dirs: list[Path]) -> None:
             output = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
         logits[str(i)] = output.logits.numpy()
         info = {k: sorted(map(str, v)) for k, v in info.items()}
-        results.append({"dir": str(model_dir), "strict_error": error, **info})
+        results.append({"dir": str(model_dir), "strict_error": error, "tokens": _tokens(model_dir), **info})
     Path(out).write_text(json.dumps(results, indent=1))
     np.savez(Path(out).with_suffix(".npz"), **logits)
 
