@@ -1,29 +1,53 @@
-# The two commands of the README. Both create .venv and install what is missing first.
-#   make demo   demo corpus -> shards -> tiny Higgs-Audio trained with ZeRO-3 on 2 CPU ranks -> export
-#   make test   the test suite (unit tests, 2-rank ZeRO-3 training through SWIFT, export checks)
+# The two commands of the README. Both create the environments they need and install what is missing first.
+#   make demo   demo corpus -> shards -> tiny native Higgs-Audio v2 trained with ZeRO-3 on 2 CPU ranks -> export
+#   make test   the test suite: the native family in .venv, boson's family (the reference) in .venv-boson
+# Two environments, because boson_multimodal needs transformers < 4.47 and the native classes >= 5.3:
+#   .venv        `pip install -e '.[native]'`  transformers 5.19, the default (make install)
+#   .venv-boson  `pip install -e '.[boson]'`   boson_multimodal 0.1.1 on transformers 4.46.3 (make boson)
 VENV ?= .venv
+BOSON_VENV ?= .venv-boson
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+BOSON_PY := $(BOSON_VENV)/bin/python
 STAMP := $(VENV)/.higgs-ds-installed
+BOSON_STAMP := $(BOSON_VENV)/.higgs-ds-installed
+PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-native test-boson install boson lint clean
 
 install: $(STAMP)
+boson: $(BOSON_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "==> creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
-	@echo "==> installing higgs-ds and its pinned stack into $(VENV) (first time: about 4 minutes, ~7 GB)"
-	$(PY) -m pip install --disable-pip-version-check --progress-bar off -q -e '.[test]'
+	@echo "==> installing higgs-ds[native] (transformers 5.19) into $(VENV) (first time: about 4 minutes, ~7 GB)"
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[native,test]'
 	@touch $@
-	@echo "==> installed"
+	@echo "==> installed $(VENV)"
+
+$(BOSON_STAMP): pyproject.toml
+	@test -x $(BOSON_PY) || { echo "==> creating $(BOSON_VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(BOSON_VENV); }
+	@echo "==> installing higgs-ds[boson] (boson_multimodal 0.1.1, transformers 4.46.3) into $(BOSON_VENV) (about 4 minutes)"
+	$(BOSON_PY) -m pip install $(PIP_FLAGS) -e '.[boson,test]'
+	@touch $@
+	@echo "==> installed $(BOSON_VENV)"
 
 demo: $(STAMP)
-	@echo "==> make demo: the whole pipeline on the bundled corpus (about 2 minutes on 2 cores)"
+	@echo "==> make demo: the whole pipeline on the bundled corpus (about 3 minutes on 2 cores)"
 	$(VENV)/bin/higgs-ds demo
 
-test: $(STAMP)
-	@echo "==> make test: the test suite (about 17 minutes on 2 cores)"
+# Both suites, each in its own environment; the cross-family checks (boson's code as the reference) run in
+# both and must not be skipped here.
+test: $(STAMP) $(BOSON_STAMP)
+	@echo "==> make test: native suite in $(VENV), then boson's in $(BOSON_VENV) (about 25 minutes on 2 cores)"
+	HIGGS_DS_REQUIRE_BOTH_ENVS=1 HIGGS_DS_BOSON_PYTHON=$(abspath $(BOSON_PY)) $(PY) -m pytest
+	HIGGS_DS_REQUIRE_BOTH_ENVS=1 HIGGS_DS_NATIVE_PYTHON=$(abspath $(PY)) $(BOSON_PY) -m pytest -m "boson_env or both_envs"
+
+test-native: $(STAMP)
 	$(PY) -m pytest
+
+test-boson: $(BOSON_STAMP)
+	$(BOSON_PY) -m pytest -m "boson_env or both_envs"
 
 lint: $(STAMP)
 	$(PY) -m ruff check higgs_ds tests bench

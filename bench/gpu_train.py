@@ -35,7 +35,7 @@ def main() -> None:
     import torch
     from loader import make_shards  # bench/loader.py: shards of generated codes with stored tokens
 
-    from higgs_ds.models.tiny import RELEASED_TEXT, TINY_TEXT, write_tiny_model
+    from higgs_ds.models.tiny import RELEASED_TEXT, TINY_TEXT, write_tiny
 
     gpus = torch.cuda.device_count()
     if args.size == "released" and not gpus:
@@ -44,7 +44,7 @@ def main() -> None:
     model = work / "model"
     if not (model / "config.json").is_file():
         text, dtype = (RELEASED_TEXT, "bfloat16") if args.size == "released" else (TINY_TEXT, "float32")
-        write_tiny_model(model, text=text, dtype=dtype)
+        write_tiny(model, text=text, dtype=dtype)
     shards = work / "shards"
     if not (shards / "index.json").is_file():
         make_shards(shards, model, args.samples, min_seconds=8, max_seconds=20)

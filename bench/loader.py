@@ -199,11 +199,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from higgs_ds.models.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = write_tiny_model(tmp / "model")
+        model_dir = write_tiny(tmp / "model")
         make_shards(tmp / "shards", model_dir, args.samples)
         result = {
             "floor_samples_per_s_per_core": best(args.repeats, floor, tmp / "shards"),

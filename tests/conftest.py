@@ -18,6 +18,7 @@ DEMO = REPO / "shards" / "demo"
 def pytest_configure(config):
     config.addinivalue_line("markers", "native_env: needs the native family's environment (transformers 5.x)")
     config.addinivalue_line("markers", "boson_env: needs boson's environment (boson_multimodal, transformers 4.46)")
+    config.addinivalue_line("markers", "both_envs: run in each family's environment (`make test` runs it in both)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,9 +63,9 @@ SMALL_IDS = {
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from higgs_ds.models.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny  # this environment's family: native in .venv, boson's in .venv-boson
 
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return write_tiny(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

@@ -66,3 +66,7 @@ def run_in_env(family: str, args: list[str], timeout: float = 600, cwd: Path = R
             f"--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+# The SWIFT model type of this environment's family (registered by higgs_ds.train.swift.plugin).
+SWIFT_MODEL_TYPE = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio"}[environment_family()]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, train_env
+from .envs import SWIFT_MODEL_TYPE
 
 PLUGIN = REPO / "higgs_ds" / "swift_plugin.py"
 SWIFT = Path(sys.executable).parent / "swift"
@@ -75,7 +76,7 @@ def test_swift_sft_refuses_a_model_directory_with_code(tmp_path, tiny_model_dir,
     marker = tmp_path / "MARKER"
     model = hostile_model_dir(tmp_path, tiny_model_dir, marker)
     cmd = [str(SWIFT), "sft", "--external_plugins", str(PLUGIN), "--model", str(model)]
-    cmd += ["--model_type", "higgs_audio", "--template", "higgs_audio", "--dataset", str(small_shards)]
+    cmd += ["--model_type", SWIFT_MODEL_TYPE, "--template", "higgs_audio", "--dataset", str(small_shards)]
     cmd += ["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--torch_dtype", "float32"]
     env = _env(tmp_path)
     env.pop("NPROC_PER_NODE")  # one process, no torchrun: the refusal comes while SWIFT parses its arguments

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, train_env
+from .envs import SWIFT_MODEL_TYPE
 
 PLUGIN = REPO / "higgs_ds" / "swift_plugin.py"
 SWIFT = Path(sys.executable).parent / "swift"  # the console script installed with ms-swift
@@ -33,7 +34,7 @@ def swift_sft(model_dir, dataset, out, *extra, ranks=2, timeout=300, env=None):
         "--model",
         str(model_dir),
         "--model_type",
-        "higgs_audio",
+        SWIFT_MODEL_TYPE,
         "--template",
         "higgs_audio",
         "--dataset",

@@ -19,6 +19,7 @@ from higgs_ds.train.run import TrainConfig
 from higgs_ds.train.run import main as train_main
 
 from .conftest import REPO, torchrun_train, train_cmd, train_env
+from .envs import SWIFT_MODEL_TYPE
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
@@ -71,7 +72,7 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     from higgs_ds.stream.loader import ShardStream
     from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  registers higgs_audio with ms-swift
 
-    model, processor = get_model_processor(str(tiny_model_dir), model_type="higgs_audio", torch_dtype="float32")
+    model, processor = get_model_processor(str(tiny_model_dir), model_type=SWIFT_MODEL_TYPE, torch_dtype="float32")
     template = get_template(processor, template_type="higgs_audio")
     from higgs_ds.stream.loader import DataConfig
 

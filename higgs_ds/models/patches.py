@@ -1,4 +1,4 @@
-"""What HiggsAudioModel needs to train under HF/PEFT/SWIFT, applied to a loaded instance (the installed
+"""What boson's HiggsAudioModel needs to train under HF/PEFT/SWIFT, applied to a loaded instance (the installed
 boson_multimodal package is never edited):
 
 * get_input_embeddings(): the class has none (its base_model_prefix names no submodule), and PEFT and
@@ -7,7 +7,8 @@ boson_multimodal package is never edited):
 * activation checkpointing: the model rejects HF's gradient_checkpointing_enable(); instead each decoder
   layer's forward is recomputed in the backward pass (torch.utils.checkpoint).
 
-It also names the model's audio side, which `train_modules = "audio"` trains alone.
+It also names the audio side of both families, which `train_modules = "audio"` trains alone. The native
+class needs none of the patches: it has get_input_embeddings and supports HF gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -15,28 +16,49 @@ from __future__ import annotations
 import functools
 import re
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
 
 from higgs_ds.errors import UserError
+from higgs_ds.models.family import BOSON, NATIVE
 
-# The audio side of HiggsAudioModel (DualFFN): per decoder layer the audio FFN and the two audio RMSNorms
-# (audio positions go through them instead of mlp / the text norms), the audio head inside
-# audio_decoder_proj (text_lm_head, beside it, is text) and the codebook embeddings. Attention, embed_tokens,
-# the text FFNs, norms and head and the final norm are shared with or belong to the text side.
-AUDIO_FFN_LINEARS = r"layers\.\d+\.audio_mlp\.(gate_proj|up_proj|down_proj)"
+# The audio side of a Higgs-Audio v2 model (DualFFN): per decoder layer the audio FFN and the two audio
+# RMSNorms (audio positions go through them instead of mlp / the text norms), the audio head (text_lm_head,
+# beside it, is text) and the codebook embeddings. Attention, embed_tokens, the text FFNs, norms and head and
+# the final norm are shared with or belong to the text side. The two families name them differently:
+# boson's HiggsAudioModel (audio_decoder_proj.audio_lm_head, audio_codebook_embeddings, layers.N at the top)
+# and the native HiggsAudioV2ForConditionalGeneration (audio_lm_head, model.embed_audio_tokens, model.layers.N).
+AUDIO_FFN_LINEARS = r"(model\.)?layers\.\d+\.audio_mlp\.(gate_proj|up_proj|down_proj)"
 AUDIO_NORMS = ("audio_input_layernorm", "audio_post_attention_layernorm")
-AUDIO_HEAD_AND_EMBEDDINGS = ("audio_lm_head", "audio_codebook_embeddings")
-AUDIO_PARAMETERS = (
-    r"^(layers\.\d+\.(audio_mlp|" + "|".join(AUDIO_NORMS) + r")\."
-    r"|audio_decoder_proj\.audio_lm_head\.|audio_codebook_embeddings\.)"
-)
 
 
-def is_audio_parameter(name: str) -> bool:
-    """Whether a parameter of HiggsAudioModel (named as in its state dict) belongs to the audio side."""
-    return re.search(AUDIO_PARAMETERS, name) is not None
+@dataclass(frozen=True)
+class AudioSide:
+    head_and_embeddings: tuple[str, ...]  # PEFT modules_to_save (module-name suffixes)
+    parameters: str  # regex over parameter names (SWIFT's trainable_parameters_regex)
+
+
+_LAYER_AUDIO = r"layers\.\d+\.(audio_mlp|" + "|".join(AUDIO_NORMS) + r")\."
+AUDIO_SIDES = {
+    BOSON: AudioSide(
+        ("audio_lm_head", "audio_codebook_embeddings"),
+        r"^(" + _LAYER_AUDIO + r"|audio_decoder_proj\.audio_lm_head\.|audio_codebook_embeddings\.)",
+    ),
+    NATIVE: AudioSide(
+        ("audio_lm_head", "embed_audio_tokens.embed_audio_tokens"),  # not the wrapper module of the same name
+        r"^(model\." + _LAYER_AUDIO + r"|audio_lm_head\.|model\.embed_audio_tokens\.)",
+    ),
+}
+# boson's, as before (tests and older callers)
+AUDIO_HEAD_AND_EMBEDDINGS = AUDIO_SIDES[BOSON].head_and_embeddings
+AUDIO_PARAMETERS = AUDIO_SIDES[BOSON].parameters
+
+
+def is_audio_parameter(name: str, family: str = BOSON) -> bool:
+    """Whether a parameter (named as in the model's state dict) belongs to the audio side."""
+    return re.search(AUDIO_SIDES[family].parameters, name) is not None
 
 
 def check_audio_side(model) -> None:

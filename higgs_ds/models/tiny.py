@@ -166,3 +166,14 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, text: dict = TIN
     tokenizer.save_pretrained(out)
     (out / "higgs_ds_tiny.json").write_text(json.dumps({"kind": "random-weight model", "seed": seed}) + "\n")
     return out
+
+
+def write_tiny(out_dir: str | os.PathLike, family: str | None = None, seed: int = 0, **kwargs) -> Path:
+    """The tiny model of `family` (default: the family this environment trains), written to `out_dir`."""
+    from higgs_ds.models.family import NATIVE, environment_family
+
+    if (family or environment_family()) == NATIVE:
+        from higgs_ds.models.native.tiny import write_tiny_native_model
+
+        return write_tiny_native_model(out_dir, seed=seed, **kwargs)
+    return write_tiny_model(out_dir, seed=seed, **kwargs)

@@ -101,13 +101,14 @@ def shard_promise(path: str) -> tuple[ShardSpec | None, SampleLimits]:
     return _promises(directory).get(name, (None, SampleLimits()))
 
 
-def codec_mismatches(index: dict, model_config, shard_dir: str) -> list[str]:
+def codec_mismatches(index: dict, geometry, shard_dir: str) -> list[str]:
     """What in a shard set's codec provenance the model cannot read, each with how to fix it (every
-    Higgs-Audio v2 model reads 25 Hz codes of 24 kHz audio; codebooks and their size from its config)."""
+    Higgs-Audio v2 model reads 25 Hz codes of 24 kHz audio; codebooks and their size from the model's
+    higgs_ds.models.interface.geometry(config), whatever its family calls them)."""
     codec = index["codec"]
     want = {
-        "num_codebooks": model_config.audio_num_codebooks,
-        "codebook_size": model_config.audio_codebook_size,
+        "num_codebooks": geometry.num_codebooks,
+        "codebook_size": geometry.code_vocab,
         "frame_rate": 25,
         "sample_rate": 24000,
     }

@@ -100,9 +100,9 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
     model_dir = work / "tiny-model"
     if not (model_dir / "config.json").is_file():
         _say(f"writing a tiny random-weight Higgs-Audio model to {model_dir}")
-        from higgs_ds.models.tiny import write_tiny_model
+        from higgs_ds.models.tiny import write_tiny
 
-        write_tiny_model(model_dir)
+        write_tiny(model_dir)
     else:
         _say(f"tiny model: {model_dir} (exists)")
 

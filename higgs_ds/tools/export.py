@@ -5,8 +5,15 @@
 
 Under ZeRO-3 the weights are partitioned across ranks; export consolidates them on the CPU from the
 DeepSpeed partition files (fp32 master weights), so no GPU has to hold the whole model. The result is
-safetensors + config + tokenizer + `codec.json` (the codec the shards were encoded with), and it loads
-with `HiggsAudioModel.from_pretrained(DIR)`.
+safetensors + config + tokenizer + `codec.json` (the codec the shards were encoded with), in one of the two
+formats (see higgs_ds.models.family), whichever family was trained:
+
+- `--format native` (default): Boson's current layout, loads with plain transformers >= 5.3:
+  `HiggsAudioV2ForConditionalGeneration.from_pretrained(DIR, use_text_head=True)` and
+  `HiggsAudioV2Processor.from_pretrained(DIR)`, so `generate` works without higgs-ds;
+- `--format boson`: boson_multimodal's `HiggsAudioModel.from_pretrained(DIR)` (boson's serve engine).
+
+A checkpoint of the other family is converted exactly (higgs_ds.models.convert: strict keys and shapes).
 
 What export may touch (`--out` names a folder the user chose, so it is treated as someone else's):
 - `--out` must be new, empty, or a previous export: a folder holding a valid `higgs_ds_export.json` (the
@@ -39,6 +46,7 @@ import sys
 from pathlib import Path
 
 from higgs_ds.errors import UserError
+from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, model_family, require_model_family
 from higgs_ds.models.patches import patch_for_training
 from higgs_ds.models.trust import check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, is_secret_key, redact
@@ -182,16 +190,22 @@ def _lora_base(ckpt: Path, base: str | None) -> str:
 
 def _merged_lora(ckpt: Path, base: str) -> dict:
     """Base model + the checkpoint's (gathered) adapters, merged with PEFT on the CPU."""
-    import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from peft import PeftModel
 
     if not Path(base, "config.json").is_file():
         raise ExportError(f"the LoRA base model {base} is not a model directory: pass --base DIR")
     forbid_remote_code()
     check_model_dir(base)
-    model = patch_for_training(HiggsAudioModel.from_pretrained(base, torch_dtype=torch.float32))  # as in training
+    if require_model_family(base) == NATIVE:
+        from higgs_ds.models.native.load import load_native_model
+
+        model = load_native_model(base, dtype=torch.float32)
+    else:
+        import boson_multimodal.model.higgs_audio  # noqa: F401
+        from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+        model = patch_for_training(HiggsAudioModel.from_pretrained(base, torch_dtype=torch.float32))  # as trained
     merged = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -449,8 +463,15 @@ def _tidy_leftovers(out: Path) -> None:
 
 
 def export(
-    checkpoint: str, out_dir: str, dtype: str | None = None, merge_lora: bool = False, base: str | None = None
+    checkpoint: str,
+    out_dir: str,
+    dtype: str | None = None,
+    merge_lora: bool = False,
+    base: str | None = None,
+    fmt: str = NATIVE,
 ) -> Path:
+    if fmt not in FAMILIES:
+        raise ExportError(f"--format {fmt!r}: use one of {', '.join(FAMILIES)}")
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(os.path.realpath(out_dir))  # the folder a symlinked --out names is the one replaced
     protected = {"the checkpoint": ckpt, "the run": ckpt.parent}
@@ -464,7 +485,7 @@ def export(
         tmp = out.with_name(f".{out.name}.new.{os.getpid()}.{secrets.token_hex(8)}")
         tmp.mkdir()
         try:
-            _build(ckpt, tmp, dtype, merge_lora, base)
+            _build(ckpt, tmp, dtype, merge_lora, base, fmt)
             _fsync_tree(tmp)
             _check_out_contents(out)  # again: consolidation takes minutes
         except BaseException:
@@ -474,17 +495,71 @@ def export(
     return out
 
 
-def _build(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None) -> None:
-    """Write the whole export into the empty folder `tmp`."""
-    import boson_multimodal.model.higgs_audio  # noqa: F401
+def _build(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None, fmt: str) -> None:
+    """Write the whole export into the empty folder `tmp`: the weights in the trained family's format, then
+    converted when `fmt` is the other one; the model card, codec note and marker on top."""
+    family = model_family(ckpt)
+    if family == fmt:
+        dtype_name = _write_weights(ckpt, tmp, dtype, merge_lora, base, family)
+    else:
+        from higgs_ds.models.convert import convert_model
+
+        trained = tmp.with_name(tmp.name + ".trained")
+        trained.mkdir()
+        try:
+            dtype_name = _write_weights(ckpt, trained, dtype, merge_lora, base, family)
+            converted = tmp.with_name(tmp.name + ".converted")
+            convert_model(trained, fmt, converted)
+            for item in converted.iterdir():
+                os.rename(item, tmp / item.name)
+            converted.rmdir()
+        finally:
+            shutil.rmtree(trained, ignore_errors=True)  # only the folder made here
+    run_dir = ckpt.parent
+    note = _codec_note(ckpt, run_dir)
+    if note:
+        _write_json(tmp / "codec.json", note)
+    _write_text(tmp / "README.md", model_card(ckpt, note, dtype_name, merge_lora, fmt))
+    files = sorted(p.name for p in tmp.iterdir()) + [MARKER]
+    shown = _display_path(os.path.realpath(ckpt), run_dir)
+    marker = {"format": MARKER_FORMAT, "model_format": fmt, "checkpoint": shown, "dtype": dtype_name, "files": files}
+    _write_json(tmp / MARKER, _clean(marker, run_dir))
+
+
+def _expected_keys(config, family: str) -> set[str]:
     import torch
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+
+    with torch.device("meta"):
+        if family == NATIVE:
+            from transformers import HiggsAudioV2ForConditionalGeneration
+
+            return set(HiggsAudioV2ForConditionalGeneration(config, use_text_head=True).state_dict())
+        import boson_multimodal.model.higgs_audio  # noqa: F401
+        from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+        return set(HiggsAudioModel(config).state_dict())
+
+
+def _load_config(model_files: Path, family: str):
+    if family == NATIVE:
+        from transformers import HiggsAudioV2Config
+
+        return HiggsAudioV2Config.from_pretrained(model_files)
+    import boson_multimodal.model.higgs_audio  # noqa: F401
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    return HiggsAudioConfig.from_pretrained(model_files)
+
+
+def _write_weights(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None, family: str) -> str:
+    """The consolidated weights, config, tokenizer (and for the native family the processor files) of the
+    trained family into `tmp`; returns the weights' dtype name."""
+    import torch
     from huggingface_hub import save_torch_state_dict
 
     state, model_files = consolidated_state_dict(ckpt, merge_lora, base)
-    config = HiggsAudioConfig.from_pretrained(model_files)
-    with torch.device("meta"):
-        expected = set(HiggsAudioModel(config).state_dict())
+    config = _load_config(model_files, family)
+    expected = _expected_keys(config, family)
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise ExportError(
@@ -497,17 +572,16 @@ def _build(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str
     for name in COPIED_FILES:
         if (model_files / name).is_file():
             _copy_model_file(model_files / name, tmp / name)
-    config.torch_dtype = str(target).removeprefix("torch.")
+    dtype_name = str(target).removeprefix("torch.")
+    config.torch_dtype = dtype_name
     config.save_pretrained(tmp)
-    run_dir = ckpt.parent
-    note = _codec_note(ckpt, run_dir)
-    if note:
-        _write_json(tmp / "codec.json", note)
-    _write_text(tmp / "README.md", model_card(ckpt, model_files, note, config.torch_dtype, merge_lora))
-    files = sorted(p.name for p in tmp.iterdir()) + [MARKER]
-    shown = _display_path(os.path.realpath(ckpt), run_dir)
-    marker = {"format": MARKER_FORMAT, "checkpoint": shown, "dtype": config.torch_dtype, "files": files}
-    _write_json(tmp / MARKER, _clean(marker, run_dir))
+    if family == NATIVE:  # generation config with the RAS settings, processor and chat template files
+        from transformers import AutoTokenizer
+
+        from higgs_ds.models.native.layout import write_native_extras
+
+        write_native_extras(tmp, AutoTokenizer.from_pretrained(tmp))
+    return dtype_name
 
 
 def _trainer_state(ckpt: Path) -> dict:
@@ -531,7 +605,9 @@ def _index_line(shard_dir: str, run_dir: Path) -> str | None:
     return f"- `{shown}`: {samples} samples, {hours:.3f} h of audio, {shards} shards, index.json sha256 {digest}"
 
 
-def model_card(ckpt: Path, model_files: Path, codec_note: dict | None, dtype: str, merged_lora: bool) -> str:
+def model_card(
+    ckpt: Path, codec_note: dict | None, dtype: str, merged_lora: bool, fmt: str = NATIVE
+) -> str:
     """README.md of an exported directory: what it was trained from, on what, how far, and how to load it.
     Redacted, and without absolute paths (see the module docstring)."""
     run_dir = ckpt.parent
@@ -573,35 +649,67 @@ def model_card(ckpt: Path, model_files: Path, codec_note: dict | None, dtype: st
         "",
         "## Loading",
         "",
-        "```python",
-        "import boson_multimodal.model.higgs_audio  # registers the model type",
-        "from boson_multimodal.model.higgs_audio import HiggsAudioModel",
-        "from transformers import AutoTokenizer",
-        "",
-        'model = HiggsAudioModel.from_pretrained("THIS_DIR")',
-        'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")',
-        "```",
+        *(_LOADING_NATIVE if fmt == NATIVE else _LOADING_BOSON),
         "",
     ]
     return _clean("\n".join(lines), run_dir)
 
 
+_LOADING_NATIVE = [
+    "Transformers-native format (transformers >= 5.3), as Boson publishes Higgs-Audio v2 since April 2026:",
+    "",
+    "```python",
+    "from transformers import HiggsAudioV2ForConditionalGeneration, HiggsAudioV2Processor",
+    "",
+    'model = HiggsAudioV2ForConditionalGeneration.from_pretrained("THIS_DIR", use_text_head=True)',
+    'processor = HiggsAudioV2Processor.from_pretrained("THIS_DIR")',
+    "```",
+    "",
+    "`higgs-ds convert THIS_DIR --to boson --out DIR` gives boson_multimodal's format.",
+]
+_LOADING_BOSON = [
+    "boson_multimodal's format (boson-multimodal 0.1.1, transformers < 4.47), for boson's serve engine:",
+    "",
+    "```python",
+    "import boson_multimodal.model.higgs_audio  # registers the model type",
+    "from boson_multimodal.model.higgs_audio import HiggsAudioModel",
+    "from transformers import AutoTokenizer",
+    "",
+    'model = HiggsAudioModel.from_pretrained("THIS_DIR")',
+    'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")',
+    "```",
+]
+
+
 def check_export(model_dir: str, probe_path: str, atol: float = 1e-5, rtol: float = 1e-4) -> dict:
     """Reload an exported directory and compare its logits with those the trained model produced
     (torch.allclose semantics: |a - b| <= atol + rtol * |b| everywhere)."""
-    import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    from higgs_ds.stream.collate import model_inputs
+    from higgs_ds.models.interface import logits_for_loss
 
     forbid_remote_code()
     check_model_dir(model_dir)
+    family = require_model_family(model_dir)
     probe = torch.load(probe_path, map_location="cpu", weights_only=True)
-    model = HiggsAudioModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    trained = probe.get("family", BOSON)  # probes written before the native family were boson's
+    if trained != family:
+        raise ExportError(
+            f"{probe_path} holds logits of a {trained}-format batch and {model_dir} is a {family}-format model: "
+            f"check an export in the trained format (higgs-ds export --format {trained})"
+        )
+    if family == NATIVE:
+        from higgs_ds.models.native.load import load_native_model
+
+        model = load_native_model(model_dir, dtype=torch.float32).eval()
+    else:
+        import boson_multimodal.model.higgs_audio  # noqa: F401
+        from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+        model = HiggsAudioModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model(**model_inputs(probe["batch"]))
-    pairs = ((out.logits.float(), probe["logits"]), (out.audio_logits.float(), probe["audio_logits"]))
+        out = logits_for_loss(model, probe["batch"], family)
+    pairs = ((out.text_logits.float(), probe["logits"]), (out.audio_logits.float(), probe["audio_logits"]))
     return {
         "max_abs_diff_logits": (pairs[0][0] - pairs[0][1]).abs().max().item(),
         "max_abs_diff_audio_logits": (pairs[1][0] - pairs[1][1]).abs().max().item(),

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from higgs_ds.errors import CheckFailed, UserError
+from higgs_ds.models.interface import geometry
 from higgs_ds.shards.codec import sha256_file
 from higgs_ds.shards.format import shard_file_problem
 from higgs_ds.stream.plan import plan_epoch
@@ -90,15 +91,15 @@ def model_sizes(model_dir: str, tuner: str = "full", train_modules: str = "all",
     """Sizes of the model, built on the meta device (no memory, no weights): full fine-tuning trains all or the
     audio side; LoRA trains rank x (in + out) per adapted linear layer (every linear layer but the two heads, or
     the audio FFN's) plus, for "audio", the modules it saves."""
-    import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 
+    from higgs_ds.models.family import require_model_family
     from higgs_ds.models.patches import AUDIO_FFN_LINEARS, is_audio_parameter
 
+    family = require_model_family(model_dir)
     try:
         with torch.device("meta"):
-            model = HiggsAudioModel(HiggsAudioConfig.from_pretrained(model_dir))
+            model = _model_on_meta(model_dir, family)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise UserError(
             f"{model_dir}/config.json does not describe a Higgs-Audio model ({err}): point `model` at a "
@@ -108,7 +109,7 @@ def model_sizes(model_dir: str, tuner: str = "full", train_modules: str = "all",
     total = sum(p.numel() for p in named.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     if tuner == "full":
-        audio = sum(p.numel() for n, p in named.items() if is_audio_parameter(n))
+        audio = sum(p.numel() for n, p in named.items() if is_audio_parameter(n, family))
         trainable = total if train_modules == "all" else audio
         return ModelSizes(total, trainable, largest)
     adapted = [
@@ -119,7 +120,7 @@ def model_sizes(model_dir: str, tuner: str = "full", train_modules: str = "all",
     ]
     lora = sum(lora_rank * (m.in_features + m.out_features) for m in adapted)
     saved = (
-        sum(p.numel() for n, p in named.items() if is_audio_parameter(n) and ".audio_mlp." not in n)
+        sum(p.numel() for n, p in named.items() if is_audio_parameter(n, family) and ".audio_mlp." not in n)
         if train_modules == "audio"
         else 0
     )
@@ -239,6 +240,17 @@ def _dtype_bytes(dtype: str) -> tuple[int, str]:
     return DTYPE_BYTES[dtype], dtype
 
 
+def _model_on_meta(model_dir: str, family: str):
+    if family == "native":
+        from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+        return HiggsAudioV2ForConditionalGeneration(HiggsAudioV2Config.from_pretrained(model_dir), use_text_head=True)
+    import boson_multimodal.model.higgs_audio  # noqa: F401
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+
+    return HiggsAudioModel(HiggsAudioConfig.from_pretrained(model_dir))
+
+
 def _check_shards(cfg, model_config, hashes: bool, report: Report) -> None:
     for d in cfg.data.shards:
         try:
@@ -256,7 +268,7 @@ def _check_shards(cfg, model_config, hashes: bool, report: Report) -> None:
                     f"shard {path} differs from its index.json (sha256): it was changed after the build; "
                     "`higgs-ds shards verify` names every bad shard, then rebuild it"
                 )
-        report.user_errors.extend(codec_mismatches(index, model_config, d))
+        report.user_errors.extend(codec_mismatches(index, geometry(model_config), d))
 
 
 def _check_output_dir(cfg, need_bytes: float, report: Report) -> None:
@@ -288,9 +300,12 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float | None =
         report.wrong(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: both must be at least 1")
         return report
     world = nodes * gpus_per_node
-    import boson_multimodal.model.higgs_audio  # noqa: F401
     from transformers import AutoConfig
 
+    from higgs_ds.models.family import BOSON, require_model_family
+
+    if require_model_family(cfg.model) == BOSON:
+        import boson_multimodal.model.higgs_audio  # noqa: F401  registers the "higgs_audio" config
     try:
         model_config = AutoConfig.from_pretrained(cfg.model)  # no trust_remote_code: never runs a model's code
     except (OSError, ValueError) as err:

@@ -79,7 +79,7 @@ def flops_per_token(model, seq_len: float) -> float:
 
     total = sum(numel(p) for p in model.parameters())
     audio_ffn = sum(numel(p) for n, p in model.named_parameters() if ".audio_mlp." in n)
-    cfg = model.config.text_config
+    cfg = getattr(model.config, "text_config", None) or model.config  # boson nests it; the native config is flat
     attention = 6 * cfg.num_hidden_layers * cfg.hidden_size * seq_len  # QK^T and AV, forward + backward, causal
     return 6 * (total - audio_ffn) + attention
 

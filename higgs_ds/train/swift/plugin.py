@@ -39,7 +39,6 @@ import multiprocessing
 import os
 from pathlib import Path
 
-import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
 import torch
 import torch.distributed.tensor  # noqa: F401  peft 0.20 on transformers 4.46 needs it imported first
 from swift.model import ModelGroup, ModelLoader, ModelMeta, register_model
@@ -48,21 +47,17 @@ from swift.template import Template, register_template
 from swift.template.templates.llama import Llama3TemplateMeta
 from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
+from transformers.modeling_outputs import CausalLMOutput
 
 from higgs_ds.errors import UserError, exit_on_user_error
 from higgs_ds.eval.validation import AudioSamples, EvalConfig, eval_data_config
-from higgs_ds.models.patches import (
-    AUDIO_FFN_LINEARS,
-    AUDIO_HEAD_AND_EMBEDDINGS,
-    AUDIO_NORMS,
-    AUDIO_PARAMETERS,
-    check_audio_side,
-    patch_for_training,
-)
+from higgs_ds.models.family import BOSON, NATIVE, environment_family, model_family, require_model_family
+from higgs_ds.models.interface import config_family, geometry, logits_for_loss, make_collator
+from higgs_ds.models.patches import AUDIO_FFN_LINEARS, AUDIO_NORMS, AUDIO_SIDES, check_audio_side, patch_for_training
+from higgs_ds.models.strict import check_state_dict_matches
 from higgs_ds.models.trust import NOT_A_DIRECTORY, check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import atomic_write_bytes, atomic_write_text, is_secret_key, redact
 from higgs_ds.shards.writer import INDEX_NAME
-from higgs_ds.stream.collate import BatchCollator, model_inputs
 from higgs_ds.stream.loader import DataConfig, EpochDataLoader, ShardStream
 from higgs_ds.stream.reader import codec_mismatches, load_index
 from higgs_ds.train.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
@@ -76,27 +71,55 @@ from higgs_ds.train.checkpoint import (
 )
 from higgs_ds.train.loss import LossConfig, higgs_loss, target_counts
 
+if environment_family() == BOSON:
+    import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
+
 # Before SWIFT loads anything: no config, tokenizer or model may run code of its own (see model_trust).
 forbid_remote_code()
 logger = get_logger()
-MODEL_TYPE = TEMPLATE_TYPE = "higgs_audio"
+# SWIFT model types, one per family (the family of --model must match: see HiggsAudioLoader); one template.
+MODEL_TYPES = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio"}
+TEMPLATE_TYPE = "higgs_audio"
 
 
 class HiggsAudioLoader(ModelLoader):
-    default_trust_remote_code = False  # boson's classes are imported, never fetched from a model repo
+    """Either family's model class (never trust_remote_code), loaded strictly: every weight of the directory
+    used and none missing (transformers only warns). A directory of the other family is a one-line error."""
+
+    default_trust_remote_code = False  # the classes are imported, never fetched from a model repo
     activation_checkpointing = False  # set from the run config (TrainConfig.activation_checkpointing)
     train_modules = "all"  # TrainConfig.train_modules; the freezing itself is SWIFT's (see _tuner_args)
 
     def get_model(self, model_dir, config, processor, model_kwargs):
-        from transformers import AutoModel
+        family = require_model_family(model_dir)
+        if family == NATIVE:
+            from transformers import HiggsAudioV2ForConditionalGeneration
 
-        self.auto_model_cls = AutoModel
+            # the text head is a constructor argument; without it the checkpoint's text_lm_head is dropped
+            self.auto_model_cls = HiggsAudioV2ForConditionalGeneration
+            model_kwargs = dict(model_kwargs, use_text_head=True)
+        else:
+            from transformers import AutoModel
+
+            self.auto_model_cls = AutoModel
         model = super().get_model(model_dir, config, processor, model_kwargs)
+        check_state_dict_matches(model_dir, _expected_shapes(model), f"the {family} Higgs-Audio v2 class")
         if self.train_modules == "audio":
             check_audio_side(model)  # before the trainer: a wrong model fails in seconds, not after setup
-        # get_input_embeddings, PEFT's labels kwarg, activation checkpointing: see higgs_ds.models.patches
-        patch_for_training(model, activation_checkpointing=self.activation_checkpointing)
+        if family == BOSON:  # get_input_embeddings, PEFT's labels kwarg, checkpointing: see models.patches
+            patch_for_training(model, activation_checkpointing=self.activation_checkpointing)
+        elif self.activation_checkpointing:  # the native class supports HF's own switch
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
+
+
+def _expected_shapes(model) -> dict[str, tuple]:
+    """The checkpoint keys and shapes the loaded class expects (ZeRO-3 partitions report their full shape
+    in ds_shape), persistent buffers included."""
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    persistent = model.state_dict().keys()
+    shapes.update({name: tuple(b.shape) for name, b in model.named_buffers() if name in persistent})
+    return shapes
 
 
 class HiggsAudioTemplate(Template):
@@ -108,29 +131,30 @@ class HiggsAudioTemplate(Template):
 
     def _collator(self):
         if getattr(self, "_batch_collator", None) is None:
-            self._batch_collator = BatchCollator(self.config, self.collator_mode)
+            self._batch_collator = make_collator(self.config, self.tokenizer, self.collator_mode)
         return self._batch_collator
 
     def data_collator(self, batch, *, padding_to=None):
         return self._collator()(batch)
 
     def compute_sft_loss(self, model, inputs, num_items_in_batch=None, trainer=None):
-        outputs = model(**model_inputs(inputs))
+        out = logits_for_loss(model, inputs, config_family(self.config))
         counts, scale = None, 1.0
         if trainer is not None and model.training and getattr(trainer, "step_target_counts", None) is not None:
             # token-mean over the whole optimizer step (see higgs_ds.train.loss); check the up-front text count
             counts = trainer.step_target_counts
             scale = trainer.args.gradient_accumulation_steps * trainer.args.world_size
-            expected = target_counts(inputs["label_ids"], inputs["label_audio_ids"], self.config.audio_num_codebooks)
-            actual = int((outputs.expanded_labels[:, 1:] != -100).sum())
+            num_codebooks = geometry(self.config).num_codebooks
+            expected = target_counts(inputs["label_ids"], inputs["label_audio_ids"], num_codebooks)
+            actual = int((out.text_labels[:, 1:] != -100).sum())
             if actual != int(expected[0]):
                 raise RuntimeError(
                     f"text targets: {actual} in the expanded labels, {int(expected[0])} counted up front"
                 )
         loss, metrics = higgs_loss(
-            outputs.logits,
-            outputs.expanded_labels,
-            outputs.audio_logits,
+            out.text_logits,
+            out.text_labels,
+            out.audio_logits,
             inputs["label_audio_ids"],
             self.loss_config,
             global_counts=counts,
@@ -144,25 +168,26 @@ class HiggsAudioTemplate(Template):
             if counts is not None and model.training:
                 labels = inputs["label_audio_ids"][0]
                 frames = ((labels != -100) & (labels != self.config.audio_stream_eos_id)).sum().item()
-                counts["tokens"] += int(outputs.attention_mask.sum().item())
+                counts["tokens"] += out.attended
                 counts["audio_seconds"] += frames / 25.0  # the codec's frame rate (checked against the shards)
                 counts["sequences"] += int(inputs["input_ids"].shape[0])
-        outputs["loss"] = loss  # item assignment: attribute assignment is lost on transformers 4.46
-        outputs["logits"] = None  # SWIFT's token accuracy would compare expanded logits with unexpanded labels
-        return outputs
+        # Only the loss goes back (logits None): SWIFT's token accuracy would compare expanded logits with
+        # unexpanded labels. A ModelOutput, because SWIFT reads it both as a dict and by attribute.
+        return CausalLMOutput(loss=loss, logits=None)
 
 
-register_model(
-    ModelMeta(
-        MODEL_TYPE,
-        [ModelGroup([])],
-        HiggsAudioLoader,
-        template=TEMPLATE_TYPE,
-        architectures=["HiggsAudioModel"],
-        tags=["audio", "tts"],
-    ),
-    exist_ok=True,
-)
+for _family, _architecture in ((NATIVE, "HiggsAudioV2ForConditionalGeneration"), (BOSON, "HiggsAudioModel")):
+    register_model(
+        ModelMeta(
+            MODEL_TYPES[_family],
+            [ModelGroup([])],
+            HiggsAudioLoader,
+            template=TEMPLATE_TYPE,
+            architectures=[_architecture],
+            tags=["audio", "tts"],
+        ),
+        exist_ok=True,
+    )
 register_template(
     Llama3TemplateMeta(TEMPLATE_TYPE, template_cls=HiggsAudioTemplate, default_system=None), exist_ok=True
 )
@@ -249,7 +274,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches)
         if not batches:  # HF's extra fetch at an epoch's end; empty on every rank alike (equal batches)
             return batches, None
-        num_codebooks = self.model.config.audio_num_codebooks
+        num_codebooks = geometry(self.model.config).num_codebooks
         counts = torch.zeros(1 + num_codebooks, dtype=torch.float64)
         for batch in batches:
             counts += target_counts(batch["label_ids"], batch["label_audio_ids"], num_codebooks)
@@ -325,7 +350,7 @@ TrainerFactory.TRAINER_MAPPING["causal_lm"] = f"{__name__}.HiggsAudioTrainer"
 
 
 def check_codec_matches(index: dict, config, shard_dir: str) -> None:
-    problems = codec_mismatches(index, config, shard_dir)
+    problems = codec_mismatches(index, geometry(config), shard_dir)
     if problems:
         raise UserError(problems[0])
 
@@ -497,7 +522,7 @@ def _install_cli_hooks() -> None:
             logger.info("setting ignore_data_skip: true (the data position is restored from the checkpoint)")
         data = cli_data_config(self.args, shards)
         logger.info(f"higgs-ds data from SWIFT's arguments: {data}")
-        HiggsAudioTemplate.loss_config = cli_loss_config(self.model.config.audio_num_codebooks)
+        HiggsAudioTemplate.loss_config = cli_loss_config(geometry(self.model.config).num_codebooks)
         logger.info(f"higgs-ds loss: {HiggsAudioTemplate.loss_config}")
         val = None
         val_dirs = cli_val_dirs(self.args)
@@ -697,14 +722,16 @@ def save_probe(trainer, cfg) -> None:
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     model.eval()
     device = next(trainer.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    family = config_family(trainer.model.config)
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
-        out = model(**inputs)
+        out = logits_for_loss(model, {k: v.to(device) for k, v in tensors.items()}, family)
     if trainer.args.process_index == 0:
         torch.save(
             {
-                "batch": model_inputs(batch),
-                "logits": out.logits.float().cpu(),
+                "family": family,
+                "batch": tensors,
+                "logits": out.text_logits.float().cpu(),
                 "audio_logits": out.audio_logits.float().cpu(),
             },
             os.path.join(cfg.output_dir, "probe.pt"),
@@ -718,30 +745,33 @@ def _dtype(cfg) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def _tuner_args(cfg) -> dict:
+def _tuner_args(cfg, family: str) -> dict:
     """SWIFT's tuner arguments for cfg.tuner and cfg.train_modules (see TrainConfig.train_modules)."""
+    audio = AUDIO_SIDES[family]
     if cfg.tuner == "lora" and cfg.train_modules == "audio":
         return {
             "lora_rank": cfg.lora_rank,
             "target_regex": rf"(.*\.)?{AUDIO_FFN_LINEARS}",  # PEFT full-matches module names
             # trained in full beside the adapters; PEFT matches these as module-name suffixes, which
             # text_lm_head, input_layernorm and post_attention_layernorm do not end with
-            "modules_to_save": [*AUDIO_HEAD_AND_EMBEDDINGS, *AUDIO_NORMS],
+            "modules_to_save": [*audio.head_and_embeddings, *AUDIO_NORMS],
         }
     if cfg.tuner == "lora":  # SWIFT's all-linear: every nn.Linear but the heads (*lm_head)
         return {"lora_rank": cfg.lora_rank, "target_modules": "all-linear"}
     if cfg.train_modules == "audio":
         # SWIFT's own freezing, applied to the loaded model before DeepSpeed is initialised: frozen
         # parameters get no optimizer state, and checkpoints still hold every weight.
-        return {"freeze_parameters_ratio": 1, "trainable_parameters_regex": AUDIO_PARAMETERS}
+        return {"freeze_parameters_ratio": 1, "trainable_parameters_regex": audio.parameters}
     return {}
 
 
 def swift_argv(cfg) -> list[str]:
     dtype = _dtype(cfg)
+    # the model directory's family (a missing or foreign one is refused by HiggsAudioLoader, with the reason)
+    family = model_family(cfg.model) if Path(cfg.model, "config.json").is_file() else environment_family()
     args = {
         "model": cfg.model,
-        "model_type": MODEL_TYPE,
+        "model_type": MODEL_TYPES[family],
         "template": TEMPLATE_TYPE,
         "tuner_type": cfg.tuner,
         "dataset": cfg.data.shards[0] if cfg.data.shards else "none",  # never loaded: HiggsSft injects the stream
@@ -772,7 +802,7 @@ def swift_argv(cfg) -> list[str]:
         "save_only_model": "false",
         "ignore_data_skip": "true",  # the data position is restored from the checkpoint, not re-read
     }
-    args.update(_tuner_args(cfg))
+    args.update(_tuner_args(cfg, family))
     if cfg.eval.shards:  # SWIFT evaluates only with a val_dataset; never loaded: HiggsSft injects the stream
         args.update(
             val_dataset=cfg.eval.shards[0],
