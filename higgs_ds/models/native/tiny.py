@@ -60,11 +60,13 @@ def write_tiny_native_model(
     seed: int = 0,
     text: dict = TINY_TEXT,
     dtype: str = "float32",
-    codec: str | os.PathLike | None = "tiny",
+    codec: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a loadable random-weight native model directory. `codec` is what processor_config.json refers
-    to: "tiny" writes a tiny native codec into OUT/audio_tokenizer (so HiggsAudioV2Processor.from_pretrained
-    works offline), None refers to Boson's codec repository as the release does, a path to that codec."""
+    """Write a loadable random-weight native model directory. `codec` is the audio tokenizer that
+    processor_config.json refers to: None Boson's codec repository, as the release does (the model loads
+    offline, HiggsAudioV2Processor only with that codec in the Hugging Face cache); "tiny" a tiny native codec
+    written into OUT/audio_tokenizer (HiggsAudioV2Processor.from_pretrained(OUT) works offline); a path
+    that codec directory."""
     import torch
     from transformers import HiggsAudioV2ForConditionalGeneration
 
