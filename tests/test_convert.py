@@ -10,6 +10,7 @@ native side is transformers 5's HiggsAudioV2ForConditionalGeneration here.
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -442,6 +443,27 @@ def test_an_empty_out_folder_is_used(trips, tmp_path):
     (tmp_path / "out").mkdir()
     out = convert_model(trips["tiny>n>b"], NATIVE, tmp_path / "out")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_a_codec_directory_goes_to_the_codec_converter(trips, tmp_path, monkeypatch):
+    """Dispatch only: a boson-format codec directory (config.json without model_type + model.pth) is handed
+    to higgs_ds.models.convert_codec.convert_codec; a model directory never is."""
+    import types
+
+    from higgs_ds.models.convert import convert_model
+
+    calls = []
+    module = types.ModuleType("higgs_ds.models.convert_codec")
+    module.convert_codec = lambda src, to, out: calls.append((Path(src), to, Path(out))) or Path(out)
+    monkeypatch.setitem(sys.modules, "higgs_ds.models.convert_codec", module)
+    codec = tmp_path / "codec"
+    codec.mkdir()
+    (codec / "config.json").write_text(json.dumps({"n_q": 8, "bins": 1024, "sample_rate": 24000}))
+    (codec / "model.pth").write_bytes(b"")
+    assert convert_model(codec, NATIVE, tmp_path / "out") == tmp_path / "out"
+    assert calls == [(codec, NATIVE, tmp_path / "out")]
+    convert_model(trips["tiny>n>b"], NATIVE, tmp_path / "model-out")
+    assert len(calls) == 1
 
 
 # ---------------------------------------------------------------------------------- a higgs-ds export

@@ -642,9 +642,13 @@ def convert_model(src_dir: str | os.PathLike, to: str, out_dir: str | os.PathLik
         )
     src = check_model_dir(src_dir)  # a directory of data only (no Python files, no auto_map)
     family = _source_family(src)
-    if family is None:
-        from higgs_ds.models.convert_codec import convert_codec  # helper D's; codecs have their own format
-
+    if family is None:  # a codec directory: its own format and converter
+        try:
+            from higgs_ds.models.convert_codec import convert_codec
+        except ModuleNotFoundError as err:
+            if err.name != "higgs_ds.models.convert_codec":
+                raise
+            raise ConvertError(f"{src}: a codec directory, and this higgs-ds cannot convert codecs") from None
         return convert_codec(src_dir, to, out_dir)
     if family == to:
         raise ConvertError(f"{src} is already a {to}-format model: nothing to convert")
