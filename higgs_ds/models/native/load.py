@@ -50,11 +50,11 @@ def check_checkpoint(model_dir: Path, config) -> None:
 def _torch_dtype(dtype):
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
-        raise UserError(f"dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise UserError(f"dtype {dtype!r}: use float32, bfloat16, float16 or auto")
     return value
 
 
