@@ -1,5 +1,8 @@
-"""higgs_ds.eval.generate on the tiny real model, the tiny codec and the small shards: prompts as boson's serve
-engine builds them (force_audio_gen), boson's own generation loop, codes -> codec waveform."""
+"""higgs_ds.eval.generate on the tiny real model, the tiny codec and the small shards of this environment's
+family: prompts as boson's serve engine builds them (force_audio_gen), the family's own generation loop
+(boson's HiggsAudioModel.generate, or transformers' generate() for the native model), codes -> codec waveform.
+Tests without a marker run in both environments; the native loop's own tests (and its equality with boson's
+greedy codes) are in tests/test_native_generate.py."""
 
 import numpy as np
 import pytest
@@ -17,16 +20,27 @@ from higgs_ds.eval.generate import (
 MAX_FRAMES = 20
 
 
+def _load_model(model_dir):
+    from higgs_ds.models.family import NATIVE, environment_family
+
+    if environment_family() == NATIVE:
+        from higgs_ds.models.native.load import load_native_model
+
+        return load_native_model(model_dir)
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    return HiggsAudioModel.from_pretrained(model_dir)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, small_shards):
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from transformers import AutoTokenizer
 
     from higgs_ds.stream.reader import load_index, read_shard
 
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = HiggsAudioModel.from_pretrained(tiny_model_dir)
+    model = _load_model(tiny_model_dir)
     records = {}
     for shard in load_index(small_shards)["shards"]:
         for _, record in read_shard(str(small_shards / shard["file"])):
@@ -46,6 +60,7 @@ def _postfix(tokenizer):
     return tokenizer.encode(AUDIO_GEN_POSTFIX, add_special_tokens=False)
 
 
+@pytest.mark.boson_env
 def test_tts_prompt_is_system_and_user_then_forced_audio(setup):
     from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
 
@@ -67,9 +82,7 @@ def test_tts_prompt_is_system_and_user_then_forced_audio(setup):
 
 
 def test_clone_prompt_carries_the_reference_codes(setup):
-    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
-
-    model, tokenizer, records = setup
+    _, tokenizer, records = setup
     record = records[_clone_id(records)]
     meta = record["json"]
     ref_frames = meta["audio"][0]["frames"]
@@ -77,7 +90,18 @@ def test_clone_prompt_carries_the_reference_codes(setup):
     assert prompt.frames == [ref_frames]
     np.testing.assert_array_equal(prompt.codes, record["codes"][:, :ref_frames])
     assert prompt.text == meta["messages"][3]["content"]  # the target's text, not the reference's
+    assert prompt.input_ids[-len(_postfix(tokenizer)) :] == _postfix(tokenizer)
+    assert prompt.input_ids.count(tokenizer.convert_tokens_to_ids("<|AUDIO_OUT|>")) == 1  # the reference's turn
 
+
+@pytest.mark.boson_env
+def test_clone_prompt_boson_inputs_frame_the_reference(setup):
+    from boson_multimodal.model.higgs_audio.utils import revert_delay_pattern
+
+    model, tokenizer, records = setup
+    record = records[_clone_id(records)]
+    ref_frames = record["json"]["audio"][0]["frames"]
+    prompt = prompt_from_record(record, tokenizer)
     inputs = prepare_inputs(prompt, model.config)
     ids = inputs["input_ids"][0].tolist()
     assert ids[-len(_postfix(tokenizer)) :] == _postfix(tokenizer)
@@ -100,6 +124,7 @@ def test_generate_audio_waveform_and_codes(setup, tiny_codec, kind):
     frames = codes.shape[1]
     assert codes.shape[0] == 8 and 0 < frames <= MAX_FRAMES
     assert codes.dtype == np.int64 and codes.min() >= 0 and codes.max() < tiny_codec.provenance["codebook_size"]
+    assert tiny_codec.provenance["codebook_size"] == 1024  # the code vocabulary, without the stream BOS/EOS ids
     assert wave.dtype == np.float32 and wave.ndim == 1 and np.isfinite(wave).all()
     assert len(wave) == frames * tiny_codec.hop_length  # the codec decodes exactly one hop per frame
     assert tiny_codec.provenance["sample_rate"] == 24000
@@ -124,6 +149,7 @@ def test_greedy_output_depends_on_the_prompt(setup):
     assert tts.shape != clone.shape or not np.array_equal(tts, clone)
 
 
+@pytest.mark.boson_env
 def test_synced_gpus_reaches_boson_sample_loop(setup, monkeypatch):
     """ZeRO-3 needs synced_gpus in boson's _sample (without a process group it is recorded, then run
     off) and no inference mode (ZeRO-3's gathered parameters would become inference tensors)."""
@@ -145,6 +171,7 @@ def test_synced_gpus_reaches_boson_sample_loop(setup, monkeypatch):
     assert seen == [True, False]
 
 
+@pytest.mark.boson_env
 def test_codes_from_generated_strips_bos_and_eos(setup):
     """A delayed stream built by boson's own delay function: the frames come back exactly, whether the
     stream ended with EOS or was cut by max_new_frames; a sampled BOS id mid-stream is clipped."""

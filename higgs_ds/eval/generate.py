@@ -1,17 +1,22 @@
-"""Evaluation audio: a shard record's prompt -> boson's own generation loop -> codes -> codec waveform.
+"""Evaluation audio: a shard record's prompt -> the model family's own generation loop -> codes -> codec waveform.
 
 The prompt is the record's conversation up to (not including) its last assistant audio turn, followed by
 `<|start_header_id|>assistant<|end_header_id|>\\n\\n<|audio_out_bos|>`, which is what boson's serve engine
 builds with `force_audio_gen=True`. Audio already in the prompt (a voice-cloning reference) goes in as the
-record's own codes: nothing is decoded or re-encoded.
+record's own codes: nothing is decoded or re-encoded. One prompt for both families (prompt_from_record);
+each family lays it out and generates its own way:
+
+* boson (HiggsAudioModel): `HiggsAudioModel.generate` (boson's `_sample`: audio/text mode switching, delay
+  pattern, repetition-aware sampling) with a StaticCache bucket as the serve engine does;
+* native (HiggsAudioV2ForConditionalGeneration): transformers' own `generate()` on the native layout of the
+  same prompt (higgs_ds.models.native.generate). Greedy codes equal boson's on the same weights
+  (tests/test_native_generate.py); sampled ones are repeatable per family.
 
     prompt = prompt_from_record(record, tokenizer)     # record from read_shard / read_positions
     wave, codes = generate_audio(model, tokenizer, codec, record, max_new_frames=250, seed=0)
     codes = generate_codes(model, tokenizer, record, max_new_frames=250, seed=0)   # without the codec
 
-Generation runs `HiggsAudioModel.generate` (boson's `_sample`: audio/text mode switching, delay pattern,
-repetition-aware sampling) with a StaticCache bucket as the serve engine does. Under DeepSpeed ZeRO-3
-call it on every rank with the same record and seed: see `generate_codes`.
+Under DeepSpeed ZeRO-3 call it on every rank with the same record and seed: see `generate_codes`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from higgs_ds.stream.collate import make_collator
+from higgs_ds.models.family import MODEL_TYPES, NATIVE
 from higgs_ds.stream.tokens import chatml_tokens
 
 # The serve engine's forced-audio suffix (serve_engine.py, _prepare_inputs with force_audio_gen=True).
@@ -58,9 +63,10 @@ def _text_of(content) -> str:
 
 
 def prompt_from_record(record: dict, tokenizer) -> Prompt:
-    """The record's conversation before its last assistant audio turn, tokenized by boson's
-    prepare_chatml_sample, plus the forced-audio suffix; the prompt's audio items take the first
-    len(items) of the record's codes (the shard keeps them in order of appearance)."""
+    """The record's conversation before its last assistant audio turn, tokenized as boson's
+    prepare_chatml_sample does (higgs_ds.stream.tokens.chatml_tokens), plus the forced-audio suffix; the
+    prompt's audio items take the first len(items) of the record's codes (the shard keeps them in order of
+    appearance). The same prompt for both families: their token ids are the same Llama-3 ids."""
     meta = record["json"]
     messages = meta["messages"]
     targets = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and has_audio(m.get("content"))]
@@ -80,6 +86,8 @@ def prepare_inputs(prompt: Prompt, model_config, device=None) -> dict:
     as the serve engine makes them (round_to=1: no padding after `<|audio_out_bos|>`), except that
     audio-in codes are kept when the model reads them (the serve engine drops them)."""
     from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
+
+    from higgs_ds.stream.collate import make_collator
 
     collator = make_collator(model_config, round_to=1)
     starts = np.cumsum([0] + prompt.frames[:-1]) if prompt.frames else None
@@ -134,8 +142,9 @@ def codes_from_generated(sequence: torch.Tensor, model_config) -> np.ndarray:
 
 
 def _unwrap(model):
-    """The HiggsAudioModel inside a DeepSpeed engine / DDP (`.module`) or a PEFT model (LoRA layers are
-    injected into the base model's modules, so its generate runs the adapted weights)."""
+    """The HiggsAudioModel / HiggsAudioV2ForConditionalGeneration inside a DeepSpeed engine / DDP (`.module`)
+    or a PEFT model (LoRA layers are injected into the base model's modules, so its generate runs the adapted
+    weights)."""
     while hasattr(model, "module"):
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -152,6 +161,14 @@ def _eval_mode(model):
     finally:
         for m, training in flags:
             m.training = training
+
+
+def _family_of(config) -> str:
+    """NATIVE or BOSON, from the loaded model's config (the directory's config.json said the same)."""
+    family = MODEL_TYPES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ValueError(f"not a Higgs-Audio v2 model: config model_type {getattr(config, 'model_type', None)!r}")
+    return family
 
 
 def _sampling(temperature: float, top_k: int | None, top_p: float) -> dict:
@@ -177,41 +194,75 @@ def generate_codes(
 ) -> np.ndarray:
     """Generate the codes (num_codebooks, T) int64 in [0, codebook_size) of the record's last assistant
     audio turn from its prompt; T <= max_new_frames (fewer when the model ends the audio itself).
-    Sampling defaults are the serve engine's; temperature 0 is greedy. The same seed gives the same codes
-    (boson draws every sample from its own torch.Generator seeded with it).
+    Sampling defaults are the serve engine's; temperature 0 is greedy; ras_win_len None (or 0) turns
+    repetition-aware sampling off. The same seed gives the same codes (boson draws every sample from its own
+    torch.Generator seeded with it; the native loop from the global generator, seeded for this call only).
+    `model` is either family's model, possibly inside PEFT, DDP or a DeepSpeed engine.
 
     ZeRO-3: call on every rank with the same record and seed. `synced_gpus=None` lets transformers turn
-    it on when ZeRO-3 is enabled and world size > 1 (boson's generate passes it through to its `_sample`),
-    so a rank that finishes first keeps running forwards, through the same modules, until all have
-    finished. Boson's generate is wrapped in torch.inference_mode, which would make ZeRO-3's gathered
-    (persistent) parameters inference tensors and break the next backward; it is called unwrapped under
-    torch.no_grad instead."""
+    it on when ZeRO-3 is enabled and world size > 1 (both loops take it), so a rank that finishes first
+    keeps running forwards, through the same modules, until all have finished. No inference mode: it
+    would make ZeRO-3's gathered (persistent) parameters inference tensors and break the next backward."""
     higgs = _unwrap(model)
+    prompt = prompt_from_record(record, tokenizer)
+    options = dict(
+        max_new_frames=max_new_frames,
+        seed=seed,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        ras_win_len=ras_win_len,
+        ras_win_max_num_repeat=ras_win_max_num_repeat,
+        synced_gpus=synced_gpus,
+    )
+    with _eval_mode(model), torch.no_grad():
+        if _family_of(higgs.config) == NATIVE:
+            from higgs_ds.models.native.generate import generate_native_codes
+
+            return generate_native_codes(higgs, tokenizer, prompt.input_ids, prompt.codes, prompt.frames, **options)
+        return _boson_codes(higgs, tokenizer, prompt, **options)
+
+
+def _boson_codes(
+    higgs,
+    tokenizer,
+    prompt: Prompt,
+    *,
+    max_new_frames: int,
+    seed: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    ras_win_len: int | None,
+    ras_win_max_num_repeat: int,
+    synced_gpus: bool | None,
+) -> np.ndarray:
+    """boson's HiggsAudioModel.generate on the prompt (see generate_codes). Boson's generate is wrapped in
+    torch.inference_mode (see generate_codes): it is called unwrapped, under the caller's torch.no_grad."""
     config = higgs.config
-    inputs = prepare_inputs(prompt_from_record(record, tokenizer), config, higgs.device)
+    inputs = prepare_inputs(prompt, config, higgs.device)
     delay = config.audio_num_codebooks - 1 if config.use_delay_pattern else 0
     max_new_tokens = max_new_frames + 1 + delay  # one step per column: the BOS column, T frames, the delay tail
     generate = type(higgs).generate
     generate = getattr(generate, "__wrapped__", generate)  # without its torch.inference_mode (see above)
-    with _eval_mode(model), torch.no_grad():
-        _, audio = generate(
-            higgs,
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            use_cache=True,
-            **_sampling(temperature, top_k, top_p),
-            # one audio turn: stop at its <|audio_eos|> (forced once every codebook has ended) or a turn end
-            eos_token_id=[
-                config.audio_eos_token_id,
-                *tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"]),
-            ],
-            pad_token_id=config.pad_token_id,
-            past_key_values_buckets=_static_cache_bucket(higgs, _cache_length(inputs, max_new_tokens)),
-            ras_win_len=ras_win_len if ras_win_len and ras_win_len > 0 else None,
-            ras_win_max_num_repeat=ras_win_max_num_repeat,
-            seed=seed,
-            synced_gpus=synced_gpus,
-        )
+    _, audio = generate(
+        higgs,
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+        **_sampling(temperature, top_k, top_p),
+        # one audio turn: stop at its <|audio_eos|> (forced once every codebook has ended) or a turn end
+        eos_token_id=[
+            config.audio_eos_token_id,
+            *tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>"]),
+        ],
+        pad_token_id=config.pad_token_id,
+        past_key_values_buckets=_static_cache_bucket(higgs, _cache_length(inputs, max_new_tokens)),
+        ras_win_len=ras_win_len if ras_win_len and ras_win_len > 0 else None,
+        ras_win_max_num_repeat=ras_win_max_num_repeat,
+        seed=seed,
+        synced_gpus=synced_gpus,
+    )
     if not audio:
         return np.zeros((config.audio_num_codebooks, 0), np.int64)
     return codes_from_generated(audio[0], config)
@@ -227,9 +278,12 @@ def generate_audio(
 
 
 def decode(codec, codes: np.ndarray) -> np.ndarray:
-    """Codes (num_codebooks, T) -> float32 mono waveform at the codec's sample rate."""
+    """Codes (num_codebooks, T) -> float32 mono waveform at the codec's sample rate: the codec's own decode
+    where it has one (either family's codec), else boson's HiggsAudioTokenizer.decode."""
     if codes.shape[1] == 0:
         return np.zeros(0, np.float32)
+    if callable(getattr(codec, "decode", None)):
+        return np.asarray(codec.decode(np.ascontiguousarray(codes)), dtype=np.float32).reshape(-1)
     with torch.no_grad():
         wave = codec.model.decode(torch.from_numpy(np.ascontiguousarray(codes))[None])  # numpy (1, 1, n)
     return np.asarray(wave[0, 0], dtype=np.float32)
