@@ -8,11 +8,15 @@ uses: each item of T frames -> (T + 2) x audio_token_id + (K - 1) x audio_delay_
 [stream BOS, codes, stream EOS] and delayed in audio_input_ids (1, F, K).
 
 transformers' loop (generation_higgs_audio_v2.py) then does what boson's `_sample` does in audio mode: one
-delayed column per step; its delay-pattern logits processor forces stream BOS on codebooks k >= step for the
-first K steps after <|audio_out_bos|> and, once a stream EOS appears, EOS on codebook 0, then 0-1, ... one more
-per step; it stops when a column is all EOS. Boson forces the same cells when the first EOS is on codebook 0
-(boson: codebooks below the first EOS'ing one at once); so greedy codes are equal whenever the first EOS comes
-on codebook 0, as a trained model's does (tests/test_native_generate.py checks it on converted weights).
+delayed column per step; its delay-pattern logits processor forces stream BOS on codebooks k >= s at step s
+(s < K) after <|audio_out_bos|> and, once a stream EOS appears, EOS on codebook 0 the next step, on 0-1 the
+step after, one more per step; it stops after a column that is all EOS. Boson forces the same cells when
+the first EOS comes on codebook 0 (what training teaches: codebook k's EOS target is k columns after
+codebook 0's), so greedy codes are equal then
+(tests/test_native_generate.py, on converted weights). When a later codebook k ends first, boson also ends
+codebooks 0..k-1 in that column and transformers does not: the loops diverge (measured on a tiny model made
+to end on codebook 3: the same lengths, other codes).
+
 Repetition-aware sampling differs between the two loops (native: a window over all audio columns, prompt
 included, BOS/EOS not counted; boson: the audio-out columns, BOS/EOS counted) and so do the random streams:
 sampled codes are repeatable per family, not equal across families.
