@@ -383,3 +383,56 @@ def test_extras_are_what_transformers_writes(tmp_path, tokenizer):
         assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads((tmp_path / "hf" / name).read_text())
     template = "chat_template.jinja"
     assert (tmp_path / "ours" / template).read_text() == (tmp_path / "hf" / template).read_text()
+
+
+def _small_codec(out):
+    """A real HiggsAudioV2TokenizerModel with random weights and the release's geometry where the processor
+    reads it (25 frames/s at 24 kHz, 8 quantizers), otherwise small."""
+    from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+
+    ratios = [8, 5, 4, 2, 3]
+    acoustic = dict(encoder_hidden_size=8, downsampling_ratios=ratios, upsampling_ratios=ratios,
+                    decoder_hidden_size=32, hidden_size=32)  # fmt: skip
+    semantic = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)  # fmt: skip
+    config = HiggsAudioV2TokenizerConfig(
+        target_bandwidths=[0.5, 1, 1.5, 2], acoustic_model_config=acoustic, semantic_model_config=semantic,
+        codebook_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    HiggsAudioV2TokenizerModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_processor_loads_and_lays_out_audio_as_we_do(tmp_path, tokenizer):
+    """HiggsAudioV2Processor.from_pretrained reads a tiny directory that refers to a local codec, and its
+    own expansion of a conversation with one audio clip is our layout: the same input ids, the same framed
+    and delayed audio_input_ids."""
+    from transformers import HiggsAudioV2Processor
+
+    from higgs_ds.models.native.batch import NativeCollator
+    from higgs_ds.models.native.load import load_native_model
+    from higgs_ds.models.native.tiny import write_tiny_native_model
+
+    model_dir = write_tiny_native_model(tmp_path / "tiny", codec=_small_codec(tmp_path / "codec"))
+    processor = HiggsAudioV2Processor.from_pretrained(model_dir)
+    assert processor.audio_tokenizer.config.num_quantizers == 8
+    conversation = [
+        {"role": "system", "content": "Generate audio following instruction."},
+        {"role": "user", "content": "Read this."},
+        {"role": "assistant", "content": [{"type": "audio", "path": "clip.wav"}]},
+    ]
+    text = tokenizer.apply_chat_template(conversation, chat_template=processor.chat_template, tokenize=False)
+    wave = np.sin(np.arange(24000 // 4) / 7.0).astype(np.float32) * 0.3
+    inputs = processor(text=text, audio=[wave], return_tensors="pt")
+    with torch.no_grad():
+        features = processor.feature_extractor(wave, sampling_rate=24000, return_tensors="pt")
+        codes = processor.audio_tokenizer.encode(features["input_values"]).audio_codes[0]  # (K, T)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    sample = EncodedSample("clip", np.array(ids), np.full(len(ids), X), codes.numpy(), [codes.shape[1]])
+    config = load_native_model(model_dir).config
+    ours = NativeCollator(config, tokenizer, round_to=1)([sample])
+    assert ours["input_ids"].tolist() == inputs["input_ids"].tolist()
+    assert ours["audio_input_ids"].tolist() == inputs["audio_input_ids"].tolist()
+    assert ours["audio_input_ids_mask"].tolist() == inputs["audio_input_ids_mask"].tolist()
