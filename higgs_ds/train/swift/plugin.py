@@ -47,6 +47,7 @@ from swift.template import Template, register_template
 from swift.template.templates.llama import Llama3TemplateMeta
 from swift.trainers import Seq2SeqTrainer, TrainerFactory
 from swift.utils import get_logger
+from transformers import AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutput
 
 from higgs_ds.errors import UserError, exit_on_user_error
@@ -89,6 +90,12 @@ class HiggsAudioLoader(ModelLoader):
     default_trust_remote_code = False  # the classes are imported, never fetched from a model repo
     activation_checkpointing = False  # set from the run config (TrainConfig.activation_checkpointing)
     train_modules = "all"  # TrainConfig.train_modules; the freezing itself is SWIFT's (see _tuner_args)
+
+    def get_processor(self, model_dir, config):
+        # The tokenizer only: training reads codes from the shards, and a native directory's processor config
+        # names its codec by hub id (bosonai/higgs-audio-v2-tokenizer), which AutoProcessor would download.
+        self.auto_tokenizer_cls = AutoTokenizer
+        return super().get_processor(model_dir, config)
 
     def get_model(self, model_dir, config, processor, model_kwargs):
         family = require_model_family(model_dir)
@@ -268,10 +275,11 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             self.model.train(was_training)
         return metrics
 
-    def get_batch_samples(self, epoch_iterator, num_batches):
+    def get_batch_samples(self, epoch_iterator, num_batches, *device):
         """HF fetches an optimizer step's micro-batches up front; count their loss targets here, summed
-        over the ranks, so every micro-batch's loss is normalised by the step's global target count."""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches)
+        over the ranks, so every micro-batch's loss is normalised by the step's global target count.
+        (transformers 5 passes the device too; 4.46 does not.)"""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *device)
         if not batches:  # HF's extra fetch at an epoch's end; empty on every rank alike (equal batches)
             return batches, None
         num_codebooks = geometry(self.model.config).num_codebooks
