@@ -10,9 +10,9 @@ from higgs_ds.errors import EXIT_CODES_HELP, CheckFailed, UserError, report
 
 
 def _tiny_model(args):
-    from higgs_ds.models.tiny import write_tiny_model
+    from higgs_ds.models.tiny import write_tiny
 
-    print(f"wrote {write_tiny_model(args.out_dir, seed=args.seed)}")
+    print(f"wrote {write_tiny(args.out_dir, family=args.family, seed=args.seed)}")
 
 
 def _tiny_codec(args):
@@ -101,7 +101,16 @@ def _train(args):
 def _export(args):
     from higgs_ds.tools.export import export
 
-    print(f"exported {export(args.checkpoint, args.out, dtype=args.dtype, merge_lora=args.merge_lora, base=args.base)}")
+    out = export(
+        args.checkpoint,
+        args.out,
+        dtype=args.dtype,
+        merge_lora=args.merge_lora,
+        base=args.base,
+        fmt=args.format,
+        codec=args.codec,
+    )
+    print(f"exported {out} ({args.format} format)")
 
 
 def _convert(args):
@@ -170,9 +179,16 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("tiny-model", help="write a tiny random-weight HiggsAudioModel + tokenizer (offline)")
+    s = sub.add_parser("tiny-model", help="write a tiny random-weight Higgs-Audio v2 model + tokenizer (offline)")
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--family",
+        choices=["native", "boson"],
+        default=None,
+        help="native: HiggsAudioV2ForConditionalGeneration; boson: boson_multimodal's HiggsAudioModel "
+        "(default: the family this environment trains)",
+    )
     s.set_defaults(func=_tiny_model)
 
     s = sub.add_parser("tiny-codec", help="write a tiny random-weight Higgs audio codec directory (offline)")
@@ -254,6 +270,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (float32)")
     s.add_argument("--merge-lora", action="store_true", help="merge a LoRA checkpoint's adapters into its base model")
     s.add_argument("--base", default=None, help="LoRA base model directory (default: the one recorded in the adapter)")
+    s.add_argument(
+        "--format",
+        choices=["native", "boson"],
+        default="native",
+        help="native (default): transformers-native HiggsAudioV2ForConditionalGeneration, as Boson publishes it "
+        "since April 2026; boson: boson_multimodal's HiggsAudioModel, for boson's serve engine",
+    )
+    s.add_argument(
+        "--codec",
+        default=None,
+        help="native format: the audio tokenizer the export's processor_config.json names (a local codec directory, "
+        "written as its absolute path, or a hub id; default bosonai/higgs-audio-v2-tokenizer)",
+    )
     s.set_defaults(func=_export)
 
     s = sub.add_parser(

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import torch
 
 from higgs_ds.errors import UserError
-from higgs_ds.stream.collate import BatchCollator
 from higgs_ds.stream.plan import (
     BatchingConfig,
     PlanError,
@@ -476,5 +475,9 @@ def _describe_set(fp: dict) -> str:
 
 
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:
+    """This rank's loader with the batch layout of `model_config`'s family (tests, benchmarks, tools; the
+    trainer makes its own from the same parts)."""
+    from higgs_ds.models.interface import make_collator  # the family's layout: models sits above stream
+
     stream = ShardStream(cfg, tokenizer, rank=rank, world_size=world_size)
-    return EpochDataLoader(stream, BatchCollator(model_config, cfg.collator), cfg.num_workers)
+    return EpochDataLoader(stream, make_collator(model_config, tokenizer, cfg.collator), cfg.num_workers)

@@ -469,6 +469,7 @@ def export(
     merge_lora: bool = False,
     base: str | None = None,
     fmt: str = NATIVE,
+    codec: str | None = None,
 ) -> Path:
     if fmt not in FAMILIES:
         raise ExportError(f"--format {fmt!r}: use one of {', '.join(FAMILIES)}")
@@ -485,7 +486,7 @@ def export(
         tmp = out.with_name(f".{out.name}.new.{os.getpid()}.{secrets.token_hex(8)}")
         tmp.mkdir()
         try:
-            _build(ckpt, tmp, dtype, merge_lora, base, fmt)
+            _build(ckpt, tmp, dtype, merge_lora, base, fmt, codec)
             _fsync_tree(tmp)
             _check_out_contents(out)  # again: consolidation takes minutes
         except BaseException:
@@ -495,12 +496,14 @@ def export(
     return out
 
 
-def _build(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None, fmt: str) -> None:
+def _build(
+    ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None, fmt: str, codec: str | None
+) -> None:
     """Write the whole export into the empty folder `tmp`: the weights in the trained family's format, then
     converted when `fmt` is the other one; the model card, codec note and marker on top."""
     family = model_family(ckpt)
     if family == fmt:
-        dtype_name = _write_weights(ckpt, tmp, dtype, merge_lora, base, family)
+        dtype_name = _write_weights(ckpt, tmp, dtype, merge_lora, base, family, codec)
     else:
         from higgs_ds.models.convert import convert_model
 
@@ -524,6 +527,17 @@ def _build(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str
     shown = _display_path(os.path.realpath(ckpt), run_dir)
     marker = {"format": MARKER_FORMAT, "model_format": fmt, "checkpoint": shown, "dtype": dtype_name, "files": files}
     _write_json(tmp / MARKER, _clean(marker, run_dir))
+
+
+def _audio_tokenizer_ref(codec: str) -> str:
+    """--codec as the processor names it: a local directory by absolute path (transformers resolves relative
+    ones against the working directory), else a hub id as given."""
+    path = Path(codec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ExportError(f"--codec {codec}: not a codec directory (no config.json)")
+        return str(path.resolve())
+    return codec
 
 
 def _expected_keys(config, family: str) -> set[str]:
@@ -551,7 +565,9 @@ def _load_config(model_files: Path, family: str):
     return HiggsAudioConfig.from_pretrained(model_files)
 
 
-def _write_weights(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None, family: str) -> str:
+def _write_weights(
+    ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None, family: str, codec: str | None = None
+) -> str:
     """The consolidated weights, config, tokenizer (and for the native family the processor files) of the
     trained family into `tmp`; returns the weights' dtype name."""
     import torch
@@ -580,7 +596,8 @@ def _write_weights(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, b
 
         from higgs_ds.models.native.layout import write_native_extras
 
-        write_native_extras(tmp, AutoTokenizer.from_pretrained(tmp))
+        extras = {"audio_tokenizer": _audio_tokenizer_ref(codec)} if codec else {}
+        write_native_extras(tmp, AutoTokenizer.from_pretrained(tmp), **extras)
     return dtype_name
 
 
