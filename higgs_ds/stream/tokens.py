@@ -1,21 +1,21 @@
 """Stage 6 of the data flow: a shard record -> an EncodedSample (token ids, labels, codes per audio item).
 
-Text goes through boson's own `prepare_chatml_sample` (Llama-3 headers, label masking by role and
-start_index), or the ids stored at build time by the same tokenizer; the codes stay one (K, sum T_i)
-array with the frame count of each audio item, in the order prepare_chatml_sample lists the items.
+Text goes through higgs_ds.stream.chatml.prepare_chatml, which gives boson's `prepare_chatml_sample` ids
+(Llama-3 headers, label masking by role and start_index) without importing boson, or the ids stored at
+build time by the same tokenizer; the codes stay one (K, sum T_i) array with the frame count of each audio
+item, in the order prepare_chatml_sample lists the items.
 Waveforms are not needed: the released model reads audio in and out as codes only
 (encode_whisper_embed=False).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 
 import numpy as np
 
 from higgs_ds.errors import UserError
+from higgs_ds.stream.chatml import ChatMLError, prepare_chatml
 
 
 class EncodingError(UserError):
@@ -36,16 +36,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def chatml_tokens(chatml: dict, tokenizer, sample_id=None) -> tuple[list[int], list[int], int]:
-    """boson's prepare_chatml_sample -> (input_ids, label_ids, number of audio items), or EncodingError."""
-    from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
-
-    # prepare_chatml_sample prints and returns Nones on error; keep its chatter out of the logs
-    # and raise a named error instead.
-    with contextlib.redirect_stdout(io.StringIO()) as chatter:
-        input_ids, label_ids, audio_contents, _ = prepare_chatml_sample(chatml, tokenizer)
-    if input_ids is None:
-        raise EncodingError(f"sample {sample_id!r}: boson could not encode it: {chatter.getvalue().strip()[:500]}")
-    return input_ids, label_ids, len(audio_contents)
+    """boson's prepare_chatml_sample ids -> (input_ids, label_ids, number of audio items), or EncodingError."""
+    try:
+        input_ids, label_ids, audio = prepare_chatml(chatml, tokenizer, sample_id)
+    except ChatMLError as err:
+        raise EncodingError(str(err)) from None
+    return input_ids, label_ids, len(audio)
 
 
 def speaker_of(chatml: dict) -> str | None:
@@ -146,7 +142,7 @@ class SampleEncoder:
         t = np.flatnonzero(target.input_ids == self._header)
         r = np.flatnonzero(ref.input_ids == self._header)
         sample_id = f"{target.sample_id} ref={ref.sample_id}"
-        if len(t) != 3 or len(r) != 3:  # a header token inside the text: boson's own tokenization
+        if len(t) != 3 or len(r) != 3:  # a header token inside the text: tokenize the whole sample
             meta = clone_chatml(record["json"], ref_record["json"])
             input_ids, label_ids, _ = chatml_tokens(meta, self.tokenizer, sample_id)
             input_ids, label_ids = np.asarray(input_ids, np.int64), np.asarray(label_ids, np.int64)
