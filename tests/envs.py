@@ -70,3 +70,25 @@ def run_in_env(family: str, args: list[str], timeout: float = 600, cwd: Path = R
 
 # The SWIFT model type of this environment's family (registered by higgs_ds.train.swift.plugin).
 SWIFT_MODEL_TYPE = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio"}[environment_family()]
+
+
+def load_tiny(model_dir):
+    """(tokenizer, config, model) of a model directory of this environment's family, loaded as training does."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from higgs_ds.models.family import model_family
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if model_family(model_dir) == NATIVE:
+        from higgs_ds.models.native.load import load_native_model
+
+        return tok, AutoConfig.from_pretrained(model_dir), load_native_model(model_dir)
+    import boson_multimodal.model.higgs_audio  # noqa: F401  registers the "higgs_audio" config
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    return tok, AutoConfig.from_pretrained(model_dir), HiggsAudioModel.from_pretrained(model_dir)
+
+
+def decoder_layers(model):
+    """The decoder layers of either family's model (native: model.model.layers; boson: model.layers)."""
+    return model.model.layers if hasattr(model, "model") else model.layers

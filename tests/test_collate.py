@@ -7,6 +7,9 @@ import torch
 from higgs_ds.stream.collate import BatchCollator, FastCollator, batches_equal, boson_collate, make_collator
 from higgs_ds.stream.tokens import EncodedSample, chatml_tokens
 
+# boson's collator is the reference here (the native layout against it: test_native_batch, test_native_equivalence)
+pytestmark = pytest.mark.boson_env
+
 SYSTEM = {"role": "system", "content": "Generate audio following instruction."}
 SCENE = {"role": "system", "content": "Generate audio.\n<|scene_desc_start|>\nA quiet room.\n<|scene_desc_end|>"}
 

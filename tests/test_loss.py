@@ -1,35 +1,34 @@
 """The training loss is a token mean over the whole optimizer step: every micro-batch of the accumulation
-window on every rank, whatever their sizes."""
+window on every rank, whatever their sizes. Runs on this environment's family (both, under `make test`)."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from higgs_ds.stream.collate import BatchCollator, model_inputs
+from higgs_ds.models.interface import config_family, logits_for_loss, make_collator
 from higgs_ds.train.loss import LossConfig, higgs_loss, target_counts
 
+from .envs import decoder_layers, load_tiny
 from .test_collate import _samples
 
 
+@pytest.mark.both_envs
 def test_step_loss_is_the_token_mean_over_accumulation_and_ranks(tiny_model_dir):
-    import boson_multimodal.model.higgs_audio  # noqa: F401
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
-    from transformers import AutoConfig, AutoTokenizer
-
-    tok, config = AutoTokenizer.from_pretrained(tiny_model_dir), AutoConfig.from_pretrained(tiny_model_dir)
-    model = HiggsAudioModel.from_pretrained(tiny_model_dir)
+    tok, config, model = load_tiny(tiny_model_dir)
+    family = config_family(config)
     pool = _samples(tok, np.random.RandomState(5), 14)
-    collate = BatchCollator(config)
+    collate = make_collator(config, tok)
     # 2 ranks x 2 accumulation steps of very different sizes (1 to 5 samples)
     micro_batches = [collate(pool[a:b]) for a, b in [(0, 1), (1, 6), (6, 9), (9, 14)]]
     cfg = LossConfig(text_weight=0.7, codebook_weights=(4, 3, 2, 1, 1, 1, 1, 1))
-    outs = [model(**model_inputs(b)) for b in micro_batches]
+    outs = [logits_for_loss(model, b, family) for b in micro_batches]
 
     # the reference: one CE per term over every target of the step, computed here from the formula
     text_ce = torch.cat(
         [
-            F.cross_entropy(o.logits[:, :-1].flatten(0, 1), o.expanded_labels[:, 1:].flatten(), reduction="none")[
-                o.expanded_labels[:, 1:].flatten() != -100
+            F.cross_entropy(o.text_logits[:, :-1].flatten(0, 1), o.text_labels[:, 1:].flatten(), reduction="none")[
+                o.text_labels[:, 1:].flatten() != -100
             ]
             for o in outs
         ]
@@ -52,7 +51,7 @@ def test_step_loss_is_the_token_mean_over_accumulation_and_ranks(tiny_model_dir)
     assert counts[0] == len(text_ce)
     scale = 2 * 2  # accumulation steps x ranks: what DeepSpeed's gas division and the rank average undo
     losses = [
-        higgs_loss(o.logits, o.expanded_labels, o.audio_logits, b["label_audio_ids"], cfg, counts, scale)
+        higgs_loss(o.text_logits, o.text_labels, o.audio_logits, b["label_audio_ids"], cfg, counts, scale)
         for o, b in zip(outs, micro_batches)
     ]
     step_loss = sum(loss for loss, _ in losses) / scale  # the gradient the optimizer sees is of this
@@ -60,13 +59,13 @@ def test_step_loss_is_the_token_mean_over_accumulation_and_ranks(tiny_model_dir)
     # the logged metrics, averaged over micro-batches and ranks as SWIFT's MeanMetric does, are the step's
     torch.testing.assert_close(sum(m["text_loss"] for _, m in losses) / scale, text_ce.mean().detach())
 
-    grads = torch.autograd.grad(step_loss, model.layers[0].audio_mlp.down_proj.weight, retain_graph=True)[0]
-    ref_grads = torch.autograd.grad(reference, model.layers[0].audio_mlp.down_proj.weight)[0]
+    grads = torch.autograd.grad(step_loss, decoder_layers(model)[0].audio_mlp.down_proj.weight, retain_graph=True)[0]
+    ref_grads = torch.autograd.grad(reference, decoder_layers(model)[0].audio_mlp.down_proj.weight)[0]
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-7)
 
     # what a mean per micro-batch would have given instead: a different loss, so the test can tell
     per_batch = sum(
-        higgs_loss(o.logits, o.expanded_labels, o.audio_logits, b["label_audio_ids"], cfg)[0]
+        higgs_loss(o.text_logits, o.text_labels, o.audio_logits, b["label_audio_ids"], cfg)[0]
         for o, b in zip(outs, micro_batches)
     ) / len(outs)
     assert abs(per_batch.item() - reference.item()) > 1e-3

@@ -1,8 +1,12 @@
 """Stage: the tiny real Higgs-Audio model and tokenizer, loaded the way a released checkpoint is."""
 
+import pytest
 import torch
 
+# boson's tiny model in boson's environment; the native family's below (and in test_native_batch.py)
 
+
+@pytest.mark.boson_env
 def test_tiny_model_loads_through_from_pretrained(tiny_model_dir):
     import boson_multimodal.model.higgs_audio  # noqa: F401
     from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
@@ -32,6 +36,7 @@ def test_tiny_model_loads_through_from_pretrained(tiny_model_dir):
     assert max(ids.values()) < config.text_config.vocab_size
 
 
+@pytest.mark.boson_env
 def test_prepare_chatml_sample_uses_llama3_headers_and_special_tokens(tiny_model_dir):
     from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
     from transformers import AutoTokenizer
@@ -54,6 +59,7 @@ def test_prepare_chatml_sample_uses_llama3_headers_and_special_tokens(tiny_model
     assert trained == "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|><|eot_id|>"
 
 
+@pytest.mark.boson_env
 def test_tiny_model_is_seeded(tmp_path):
     from safetensors.torch import load_file
 
@@ -66,6 +72,7 @@ def test_tiny_model_is_seeded(tmp_path):
     assert not torch.equal(a["audio_codebook_embeddings.weight"], c["audio_codebook_embeddings.weight"])
 
 
+@pytest.mark.boson_env
 def test_released_shape_config_has_the_released_parameter_count():
     import boson_multimodal.model.higgs_audio  # noqa: F401
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
@@ -75,3 +82,25 @@ def test_released_shape_config_has_the_released_parameter_count():
     with torch.device("meta"):
         model = HiggsAudioModel(model_config(build_tiny_tokenizer(), RELEASED_TEXT))
     assert sum(p.numel() for p in model.parameters()) == 5_771_283_456  # bosonai/higgs-audio-v2-generation-3B-base
+
+
+@pytest.mark.native_env
+def test_native_tiny_model_is_seeded_and_the_released_shape_has_the_released_parameter_count(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    from higgs_ds.models.native.tiny import native_config, write_tiny_native_model
+    from higgs_ds.models.tiny import RELEASED_TEXT, build_tiny_tokenizer
+
+    a = load_file(write_tiny_native_model(tmp_path / "a", seed=1) / "model.safetensors")
+    b = load_file(write_tiny_native_model(tmp_path / "b", seed=1) / "model.safetensors")
+    c = load_file(write_tiny_native_model(tmp_path / "c", seed=2) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    key = "model.embed_audio_tokens.embed_audio_tokens.weight"
+    assert not torch.equal(a[key], c[key])
+    with torch.device("meta"):
+        model = HiggsAudioV2ForConditionalGeneration(
+            native_config(build_tiny_tokenizer(), RELEASED_TEXT), use_text_head=True
+        )
+    # the parameter count of bosonai/higgs-audio-v2-generation-3B-base (boson's class, the same weights)
+    assert sum(p.numel() for p in model.parameters()) == 5_771_283_456
