@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from higgs_ds.models.interface import config_family, logits_for_loss
 from higgs_ds.stream.collate import model_inputs
 from higgs_ds.stream.loader import DataConfig, build_dataloader
 from higgs_ds.stream.plan import BatchingConfig, PlanError, ShardRef, batches_for_worker, plan_epoch
+
+from .envs import decoder_layers, load_tiny
 
 UNEVEN = [ShardRef(f"s{i}", n, tuple(range(10 + 40 * i, 10 + 40 * i + n))) for i, n in enumerate([5, 1, 7, 3])]
 
@@ -81,17 +84,15 @@ def test_dataloader_yields_equal_batches_per_rank(small_shards, tiny_model_dir, 
 
 @pytest.fixture(scope="module")
 def batch_and_model(small_shards, tiny_model_dir):
-    import boson_multimodal.model.higgs_audio  # noqa: F401
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
-    from transformers import AutoConfig, AutoTokenizer
-
-    tok, config = AutoTokenizer.from_pretrained(tiny_model_dir), AutoConfig.from_pretrained(tiny_model_dir)
+    """A batch of the small shards in this environment's family's layout, and its tiny model."""
+    tok, config, model = load_tiny(tiny_model_dir)
     loader = build_dataloader(
         DataConfig(shards=[str(small_shards)], batch_size=8, num_workers=0), tok, config, rank=0, world_size=1
     )
-    return next(iter(loader)), HiggsAudioModel.from_pretrained(tiny_model_dir), tok
+    return next(iter(loader)), model, tok
 
 
+@pytest.mark.boson_env  # boson's batch keys; the native layout: test_native_batch.py
 def test_collated_batch_follows_the_delay_pattern(batch_and_model):
     batch, model, tok = batch_and_model
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] % 8 == 0
@@ -111,10 +112,10 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
     from higgs_ds.train.loss import LossConfig, higgs_loss
 
     batch, model, _ = batch_and_model
-    out = model(**model_inputs(batch))
-    loss, metrics = higgs_loss(out.logits, out.expanded_labels, out.audio_logits, batch["label_audio_ids"])
+    out = logits_for_loss(model, batch, config_family(model.config))
+    loss, metrics = higgs_loss(out.text_logits, out.text_labels, out.audio_logits, batch["label_audio_ids"])
     text = F.cross_entropy(
-        out.logits[:, :-1].flatten(0, 1).float(), out.expanded_labels[:, 1:].flatten(), ignore_index=-100
+        out.text_logits[:, :-1].flatten(0, 1).float(), out.text_labels[:, 1:].flatten(), ignore_index=-100
     )
     audio = F.cross_entropy(
         out.audio_logits[:-1].flatten(0, 1), batch["label_audio_ids"][:, 1:].T.flatten(), ignore_index=-100
@@ -123,16 +124,16 @@ def test_loss_equals_the_formula_and_trains_both_ffns(batch_and_model):
     torch.testing.assert_close(metrics["text_loss"], text.detach())
     assert 6.0 < metrics["audio_loss"] < 8.0  # ~ln(1026) for random weights
     weighted, _ = higgs_loss(
-        out.logits,
-        out.expanded_labels,
+        out.text_logits,
+        out.text_labels,
         out.audio_logits,
         batch["label_audio_ids"],
         LossConfig(text_weight=0.5, codebook_weights=(1, 0, 0, 0, 0, 0, 0, 0)),
     )
     torch.testing.assert_close(weighted, 0.5 * text + metrics["audio_loss_cb0"])
     loss.backward()
-    assert model.layers[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0
-    assert model.layers[0].mlp.gate_proj.weight.grad.abs().sum() > 0
+    assert decoder_layers(model)[0].audio_mlp.gate_proj.weight.grad.abs().sum() > 0
+    assert decoder_layers(model)[0].mlp.gate_proj.weight.grad.abs().sum() > 0
 
 
 def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, tiny_model_dir):
@@ -151,6 +152,7 @@ def test_token_ids_stored_at_build_time_equal_boson_tokenization(small_shards, t
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.label_ids.tolist() == b.label_ids.tolist()
 
 
+@pytest.mark.boson_env  # boson's class refuses HF's switch: higgs-ds wraps its layers (models.patches)
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_model, tiny_model_dir, monkeypatch):
     import boson_multimodal.model.higgs_audio  # noqa: F401
     import torch.utils.checkpoint
@@ -185,3 +187,31 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(batch_and_mo
         for name in grads_a:
             torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
     assert model.get_input_embeddings() is model.embed_tokens
+
+
+@pytest.mark.native_env
+def test_native_activation_checkpointing_recomputes_each_layer_and_gives_the_same_loss_and_gradients(
+    batch_and_model, tiny_model_dir
+):
+    from higgs_ds.models.native.load import load_native_model
+    from higgs_ds.train.loss import higgs_loss
+
+    batch = batch_and_model[0]
+    results = []
+    for checkpointing in (False, True):
+        model = load_native_model(tiny_model_dir).train()
+        if checkpointing:  # what HiggsAudioLoader calls for activation_checkpointing = true
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = collections.Counter()
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.register_forward_hook(lambda *_, i=i: calls.update([i]))
+        out = logits_for_loss(model, batch, "native")
+        loss, _ = higgs_loss(out.text_logits, out.text_labels, out.audio_logits, batch["label_audio_ids"])
+        loss.backward()
+        # a checkpointed layer runs again in the backward pass
+        assert set(calls.values()) == {2 if checkpointing else 1}
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
