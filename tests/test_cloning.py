@@ -85,6 +85,7 @@ def _sid(refs, pos, records):
             return record["json"]["id"]
 
 
+@pytest.mark.boson_env  # boson's batch keys (audio_out_ids_start); the native layout: test_native_*
 def test_only_the_target_audio_is_trained(small_shards, records, tok_config):
     tok, config = tok_config
     cfg = DataConfig(shards=[str(small_shards)], batch_size=8, num_workers=0, clone_references=1.0)

@@ -68,6 +68,7 @@ def dialogue_batch(tmp_path_factory, tiny_codec, tiny_model_dir):
     return samples, batch, config, tok, folder / "shards"
 
 
+@pytest.mark.boson_env  # boson's batch keys (audio_out_ids_start); the native layout: test_native_*
 def test_dialogue_batch_equals_boson_collator(dialogue_batch):
     samples, batch, config, _, _ = dialogue_batch
     assert sorted(s.sample_id for s in samples) == ["dialogue_1", "dialogue_2"]  # dialogues never get references
@@ -78,6 +79,7 @@ def test_dialogue_batch_equals_boson_collator(dialogue_batch):
     assert len(batch["audio_out_ids_start"]) == 6 and batch["audio_in_ids"].numel() == 0
 
 
+@pytest.mark.boson_env  # boson's batch keys (audio_out_ids_start); the native layout: test_native_*
 def test_dialogue_trains_each_audio_turn_after_start_index_with_its_own_codes(dialogue_batch):
     samples, batch, _, tok, _ = dialogue_batch
     labels, starts = batch["label_audio_ids"], batch["audio_out_ids_start"].tolist()

@@ -27,11 +27,17 @@ def _args(model, shards, out, *extra):
 
 @pytest.fixture(scope="module")
 def released_model_dir(tmp_path_factory):
-    """The released Higgs-Audio v2 architecture (5.77 B parameters) as a config only: no weights are written."""
-    from higgs_ds.models.tiny import RELEASED_TEXT, build_tiny_tokenizer, model_config
+    """The released Higgs-Audio v2 architecture (5.77 B parameters) as a config only, in this environment's
+    family's format: no weights are written."""
+    from higgs_ds.models.family import NATIVE, environment_family
+    from higgs_ds.models.tiny import RELEASED_TEXT, build_tiny_tokenizer
 
+    if environment_family() == NATIVE:
+        from higgs_ds.models.native.tiny import native_config as config_of
+    else:
+        from higgs_ds.models.tiny import model_config as config_of
     out = tmp_path_factory.mktemp("released-config")
-    model_config(build_tiny_tokenizer(), RELEASED_TEXT).save_pretrained(out)
+    config_of(build_tiny_tokenizer(), RELEASED_TEXT).save_pretrained(out)
     assert not list(out.glob("*.safetensors"))
     return out
 
@@ -40,10 +46,21 @@ def _meta_sizes(model_dir) -> tuple[int, int]:
     """(all parameters, the largest module's own parameters), counted here as DeepSpeed's model_to_params does
     (which cannot run on the meta device: it tells parameters apart by data_ptr)."""
     import torch
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+    from transformers import AutoConfig
 
+    from higgs_ds.models.family import NATIVE, model_family, register_auto_classes
+
+    register_auto_classes()
+    config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = HiggsAudioModel(HiggsAudioConfig.from_pretrained(model_dir))
+        if model_family(model_dir) == NATIVE:
+            from transformers import HiggsAudioV2ForConditionalGeneration
+
+            model = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
+        else:
+            from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+            model = HiggsAudioModel(config)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest

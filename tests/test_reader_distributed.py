@@ -19,8 +19,11 @@ from .conftest import REPO
 def _rank_main(rank, world_size, port, shards, model_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    import boson_multimodal.model.higgs_audio  # noqa: F401  registers the higgs_audio config
     from transformers import AutoConfig, AutoTokenizer
+
+    from higgs_ds.models.family import register_auto_classes
+
+    register_auto_classes()
 
     from higgs_ds.stream.loader import DataConfig, build_dataloader
 
@@ -76,8 +79,9 @@ def test_every_sample_once_and_equal_batches_across_ranks(world_size, small_shar
 
 RESUME_SCRIPT = """
 import json, sys
-import boson_multimodal.model.higgs_audio
 from transformers import AutoConfig, AutoTokenizer
+from higgs_ds.models.family import register_auto_classes
+register_auto_classes()
 from higgs_ds.stream.loader import DataConfig, build_dataloader
 shards, model_dir, state = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 workers, n = int(sys.argv[4]), int(sys.argv[5])

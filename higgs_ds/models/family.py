@@ -107,3 +107,10 @@ def require_codec_family(codec_dir: str | Path) -> str:
     if family != here:
         raise _wrong_family("codec", codec_dir, family, here)
     return family
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModel know this environment's family: boson's classes register themselves when
+    imported; the native ones are part of transformers."""
+    if environment_family() == BOSON:
+        import boson_multimodal.model.higgs_audio  # noqa: F401
