@@ -166,12 +166,49 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
         f"export logits equal: {check['equal']} (max abs diff {check['max_abs_diff_logits']:.2e} text, "
         f"{check['max_abs_diff_audio_logits']:.2e} audio)"
     )
-    ok = check["equal"] and last["audio_loss"] < first["audio_loss"]
+    boson_ok = _boson_round(work, train_dir, export_dir, env)
+    ok = check["equal"] and last["audio_loss"] < first["audio_loss"] and boson_ok is not False
     _say(
         f"{'done' if ok else 'FAILED'} in {time.time() - started:.0f} s. Outputs: model {model_dir}, "
         f"shards {shard_dir}, checkpoints and TensorBoard logs {train_dir}, export {export_dir}"
     )
     return 0 if ok else 1
+
+
+def _boson_python() -> Path | None:
+    path = Path(os.environ.get("HIGGS_DS_BOSON_PYTHON") or REPO / ".venv-boson" / "bin" / "python")
+    return path if path.is_file() else None
+
+
+def _boson_round(work: Path, train_dir: Path, export_dir: Path, env: dict) -> bool | None:
+    """The native export converted to boson's format and, where boson's environment exists (`make boson`),
+    reloaded there with boson's HiggsAudioModel: its logits on the probe's samples, laid out by boson's
+    collator, must equal the trained model's. None when there is no boson environment to check in."""
+    boson_dir = work / "export-boson"
+    if boson_dir.exists():
+        shutil.rmtree(boson_dir)  # made by this demo inside its own marked workdir
+    _say(f"converting the export to boson's format: {boson_dir}")
+    _run(
+        [sys.executable, "-m", "higgs_ds.cli", "convert", str(export_dir), "--to", "boson", "--out", str(boson_dir)],
+        work / "convert.log",
+        env,
+    )
+    python = _boson_python()
+    if python is None:
+        _say("no boson environment (.venv-boson; `make boson` makes it): the boson-format export is not reloaded")
+        return None
+    _say(f"reloading it with boson's HiggsAudioModel in {python.parent.parent.name} and comparing logits")
+    _run(
+        [str(python), "-m", "higgs_ds.tools.boson_check", str(boson_dir), "--run", str(train_dir)],
+        work / "boson_check.log",
+        env,
+    )
+    result = json.loads((work / "boson_check.log").read_text().strip().splitlines()[-1])
+    _say(
+        f"boson-format logits equal: {result['equal']} ({result['positions']} positions, max abs diff "
+        f"{result['max_abs_diff_logits']:.2e} text, {result['max_abs_diff_audio_logits']:.2e} audio)"
+    )
+    return bool(result["equal"])
 
 
 def _log_history(train_dir: Path) -> list[dict]:
