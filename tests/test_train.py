@@ -19,7 +19,7 @@ from higgs_ds.train.run import TrainConfig
 from higgs_ds.train.run import main as train_main
 
 from .conftest import REPO, torchrun_train, train_cmd, train_env
-from .envs import SWIFT_MODEL_TYPE
+from .envs import SWIFT_MODEL_TYPE, decoder_layers, here, load_tiny
 
 
 def test_config_precedence_and_unknown_keys(tmp_path):
@@ -119,24 +119,36 @@ def test_default_config_gives_the_expected_swift_arguments(monkeypatch, gpu):
     assert (lora["tuner_type"], lora["lora_rank"], lora["target_modules"]) == ("lora", "8", "all-linear")
 
 
-# The audio side of HiggsAudioModel, spelled out here independently of higgs_ds.models.patches
+# The audio side of both families' models, spelled out here independently of higgs_ds.models.patches
+# (boson: layers.N..., audio_decoder_proj.audio_lm_head, audio_codebook_embeddings; native: model.layers.N...,
+# audio_lm_head, model.embed_audio_tokens)
 AUDIO_SIDE = ("audio_mlp.", "audio_input_layernorm.", "audio_post_attention_layernorm.", "audio_lm_head.")
+TEXT_SIDE = {
+    "boson": {"layers.0.mlp.gate_proj.weight", "embed_tokens.weight", "audio_decoder_proj.text_lm_head.weight"},
+    "native": {"model.layers.0.mlp.gate_proj.weight", "model.embed_tokens.weight", "text_lm_head.weight"},
+}
 
 
 def _audio_side(name: str) -> bool:
-    return any(f".{part}" in name for part in AUDIO_SIDE) or name.startswith("audio_codebook_embeddings.")
+    return (
+        any(f".{part}" in f".{name}" for part in AUDIO_SIDE)
+        or name.startswith("audio_codebook_embeddings.")
+        or name.startswith("model.embed_audio_tokens.")
+    )
 
 
 def test_audio_config_freezes_all_but_the_audio_side_with_swift_and_peft(tiny_model_dir):
     """What SWIFT and PEFT do with the preset's arguments, applied with their own functions to the tiny model."""
-    from boson_multimodal.model.higgs_audio import HiggsAudioModel
     from peft import LoraConfig, get_peft_model
     from swift.utils import activate_parameters, freeze_parameters
 
+    def fresh():
+        return load_tiny(tiny_model_dir)[2]
+
     cfg = TrainConfig(model="m", data=DataConfig(shards=["s"]), train_modules="audio")
-    model = HiggsAudioModel.from_pretrained(tiny_model_dir)
+    model = fresh()
     audio = {n for n, _ in model.named_parameters() if _audio_side(n)}
-    assert len(audio) == 5 * len(model.layers) + 2  # 3 FFN + 2 norms per layer, head, embeddings
+    assert len(audio) == 5 * len(decoder_layers(model)) + 2  # 3 FFN + 2 norms per layer, head, embeddings
 
     args = _swift_args(cfg)
     freeze_parameters(model, float(args["freeze_parameters_ratio"]), [], None)
@@ -155,15 +167,13 @@ def test_audio_config_freezes_all_but_the_audio_side_with_swift_and_peft(tiny_mo
     # preflight's memory estimate counts the same trainable parameters without building the model
     from higgs_ds.tools.preflight import count_parameters
 
-    total = sum(p.numel() for p in HiggsAudioModel.from_pretrained(tiny_model_dir).parameters())
+    total = sum(p.numel() for p in fresh().parameters())
     counted = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert count_parameters(tiny_model_dir, "lora", "audio") == (total, counted)
-    full_audio = sum(
-        p.numel() for n, p in HiggsAudioModel.from_pretrained(tiny_model_dir).named_parameters() if n in audio
-    )
+    full_audio = sum(p.numel() for n, p in fresh().named_parameters() if n in audio)
     assert count_parameters(tiny_model_dir, "full", "audio") == (total, full_audio)
     assert count_parameters(tiny_model_dir) == (total, total)
-    base = HiggsAudioModel.from_pretrained(tiny_model_dir)
+    base = fresh()
     linears = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
     every = get_peft_model(base, LoraConfig(r=8, target_modules=linears))
     assert count_parameters(tiny_model_dir, "lora") == (
@@ -179,23 +189,22 @@ def _env():
 def _sample_targets(shards, model_dir) -> dict:
     """Loss targets per sample id, from the stored JSON alone: text labels after the first position except
     the <|AUDIO_OUT|> placeholders, and K x (frames + EOS) per trained audio-out item."""
-    from transformers import AutoConfig
+    from transformers import AutoTokenizer
 
     from higgs_ds.stream.reader import read_shard
 
-    config = AutoConfig.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    audio_in, audio_out = tok.convert_tokens_to_ids("<|AUDIO|>"), tok.convert_tokens_to_ids("<|AUDIO_OUT|>")
     targets = {}
     for shard in sorted(shards.glob("shard-*.tar")):
         for _, record in read_shard(str(shard)):
             meta, total = record["json"], 0
             ids, labels = meta["input_ids"], meta["label_ids"]
-            total += sum(1 for t, y in zip(ids[1:], labels[1:]) if y != -100 and t != config.audio_out_token_idx)
-            audio_tokens = [
-                (t, y) for t, y in zip(ids, labels) if t in (config.audio_in_token_idx, config.audio_out_token_idx)
-            ]
+            total += sum(1 for t, y in zip(ids[1:], labels[1:]) if y != -100 and t != audio_out)
+            audio_tokens = [(t, y) for t, y in zip(ids, labels) if t in (audio_in, audio_out)]
             for (t, y), item in zip(audio_tokens, meta["audio"]):
-                if t == config.audio_out_token_idx and y != -100:
-                    total += config.audio_num_codebooks * (item["frames"] + 1)
+                if t == audio_out and y != -100:
+                    total += 8 * (item["frames"] + 1)  # every codebook: the frames and the stream EOS
             targets[meta["id"]] = total
     return targets
 
@@ -206,6 +215,7 @@ def _epoch_targets(shards, model_dir) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.both_envs  # each family's own training run, in its environment
 def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shards, tiny_model_dir):
     out = tmp_path / "train"
     log = torchrun_train(
@@ -240,10 +250,13 @@ def test_two_rank_zero3_through_swift_overfits_and_exports(tmp_path, small_shard
 
     export_dir = tmp_path / "export"
     cli = [sys.executable, "-m", "higgs_ds.cli"]
-    subprocess.run(cli + ["export", str(out), "--out", str(export_dir)], check=True, env=_env(), capture_output=True)
+    fmt = ["--format", here()]  # this environment's format, which check-export reloads here
+    cmd = cli + ["export", str(out), "--out", str(export_dir), *fmt]
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
     assert json.loads((export_dir / "codec.json").read_text())["codec"]["num_codebooks"] == 8
     card = (export_dir / "README.md").read_text()
-    assert "step 30 of 30" in card and "index.json sha256" in card and "HiggsAudioModel.from_pretrained" in card
+    loading = {"native": "HiggsAudioV2ForConditionalGeneration.from_pretrained", "boson": "HiggsAudioModel."}[here()]
+    assert "step 30 of 30" in card and "index.json sha256" in card and loading in card
     check = subprocess.run(
         cli + ["check-export", str(export_dir), "--probe", str(out / "probe.pt")],
         env=_env(),
@@ -294,7 +307,7 @@ def test_two_rank_zero3_lora_trains_adapters_and_exports_merged(tmp_path, small_
     )
     assert refused.returncode == 2 and "pass --merge-lora" in refused.stderr
     subprocess.run(
-        cli + ["export", str(out), "--out", str(tmp_path / "merged"), "--merge-lora"],
+        cli + ["export", str(out), "--out", str(tmp_path / "merged"), "--merge-lora", "--format", here()],
         check=True,
         env=_env(),
         capture_output=True,
@@ -434,14 +447,13 @@ def test_two_rank_zero3_audio_only_training_leaves_the_text_side_bit_identical(
         assert held == sum(2 * math.ceil(initial[n].numel() / 2) for n in audio)  # each split over 2 ranks
 
     cmd = [sys.executable, "-m", "higgs_ds.cli", "export", str(out), "--out", str(tmp_path / "export")]
-    subprocess.run(cmd + (["--merge-lora"] if tuner == "lora" else []), check=True, env=_env(), capture_output=True)
+    cmd += ["--format", here()] + (["--merge-lora"] if tuner == "lora" else [])
+    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
     exported = load_file(tmp_path / "export" / "model.safetensors")
     assert set(exported) == set(initial)
     assert [n for n in initial if n not in audio and not torch.equal(exported[n], initial[n])] == []
     assert [n for n in audio if torch.equal(exported[n], initial[n])] == []  # every audio-side weight trained
-    assert {"layers.0.mlp.gate_proj.weight", "embed_tokens.weight", "audio_decoder_proj.text_lm_head.weight"} <= (
-        set(initial) - audio
-    )
+    assert TEXT_SIDE[here()] <= set(initial) - audio
 
 
 @pytest.mark.slow
