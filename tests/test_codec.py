@@ -43,9 +43,9 @@ def test_batched_encoding_equals_upstream_batch_one(tiny_codec):
     where upstream re-pads its acoustic branch (not a multiple of the hop)."""
     rng = np.random.RandomState(1)
     for n in (24000, 30001, 12345):
-        waves = rng.randn(3, n).astype(np.float32) * 0.1
+        waves = rng.randn(2, n).astype(np.float32) * 0.1
         batched = tiny_codec.encode_batch(waves)
-        for i in range(3):
+        for i in range(2):
             np.testing.assert_array_equal(batched[i], one_at_a_time(tiny_codec, waves[i]))
 
 

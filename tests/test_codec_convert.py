@@ -181,7 +181,7 @@ def test_boson_encodes_a_converted_native_codec_alike(tiny_codec, tmp_path):
 def test_key_table_and_defaults_match_the_native_class(tmp_path):
     from transformers import DacFeatureExtractor, HiggsAudioV2TokenizerConfig, HubertConfig
 
-    from higgs_ds.models.convert_codec import native_class_shapes, native_config
+    from higgs_ds.models.convert_codec import boson_config, native_class_shapes, native_config
 
     for teacher in (TINY_TEACHER_CONFIG, {}):  # the tiny codec's and the release's (HuBERT-base)
         shapes = native_class_shapes(native_config(RELEASED_CODEC_CONFIG, teacher))
@@ -193,6 +193,14 @@ def test_key_table_and_defaults_match_the_native_class(tmp_path):
         assert list(np.atleast_1d(getattr(defaults, key))) == list(np.atleast_1d(value)), key
     assert NATIVE_ACOUSTIC_DEFAULTS == HiggsAudioV2TokenizerConfig._default_acoustic_model_config_kwargs
     assert HUBERT_MASK_TIME_PROB == HubertConfig().mask_time_prob
+    # the teacher boson gets computes what the native config builds, written out or left to the defaults
+    for semantic in (None, {}, {"num_hidden_layers": 3, "mask_time_prob": 0.2}):
+        native = {"model_type": "higgs_audio_v2_tokenizer", "target_bandwidths": [0.5, 1, 1.5, 2]}
+        if semantic is not None:
+            native["semantic_model_config"] = semantic
+        built = HiggsAudioV2TokenizerConfig.from_dict(native).semantic_model_config
+        teacher = HubertConfig(**boson_config(native)[1])
+        assert (teacher.mask_time_prob, teacher.num_hidden_layers) == (built.mask_time_prob, built.num_hidden_layers)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(FEATURE_EXTRACTOR))
     extractor = DacFeatureExtractor.from_pretrained(str(tmp_path))
     assert (extractor.hop_length, extractor.sampling_rate, extractor.feature_size) == (960, 24000, 1)

@@ -291,8 +291,10 @@ def _native_settings(cfg: dict, where) -> tuple[dict, dict, dict]:
         raise _refuse(where, "semantic_model_config", None, "not a JSON object")
     get = {key: cfg.get(key, default) for key, default in NATIVE_DEFAULTS.items()}
     acoustic = dict(NATIVE_ACOUSTIC_DEFAULTS, **(cfg.get("acoustic_model_config") or {}))
-    # native fills mask_time_prob 0.0 where the dict has none (HiggsAudioV2TokenizerConfig.__post_init__)
-    teacher = {"mask_time_prob": 0.0, **(cfg.get("semantic_model_config") or {})}
+    semantic = cfg.get("semantic_model_config")
+    # HiggsAudioV2TokenizerConfig.__post_init__: no teacher config is HubertConfig() (mask_time_prob 0.05);
+    # a dict gets mask_time_prob 0.0 where it has none
+    teacher = {} if semantic is None else {"mask_time_prob": 0.0, **semantic}
     return get, acoustic, teacher
 
 

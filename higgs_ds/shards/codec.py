@@ -18,10 +18,12 @@ A directory of the other format is a one-line CodecError saying how to convert i
 
 Both compute boson's `_xcodec_encode`, the encoding the released Higgs-Audio v2 was trained on: the native
 path runs it on the native class's modules rather than calling `HiggsAudioV2TokenizerModel.encode`, which
-re-pads the acoustic branch by hop / 2 = 480 samples where boson pads 160 x 2 = 320 and trims (for most clip
-lengths, those not within a few samples of a multiple of 960, its codes differ from boson's; measured: 23
-of 256 codes of a 1.25 s clip). tests/test_codec_convert.py checks that the native codes equal boson's own
-on the same weights and audio, and equal `HiggsAudioV2TokenizerModel.encode` where it does not re-pad.
+re-pads the acoustic branch by hop / 2 = 480 samples a side where boson pads 160 x 2 = 320 and trims. Both
+re-pad when the two branches come out of different lengths, i.e. for clips of 960 k + r samples with r about
+119-631 (about half of all lengths); there transformers' codes differ from boson's (measured on the demo
+corpus and the tiny codec: 24 of 464, 32 of 400 and 52 of 256 codes). tests/test_codec_convert.py checks that
+the native codes equal boson's own on the same weights and audio, and equal
+`HiggsAudioV2TokenizerModel.encode` where it does not re-pad.
 
     codec = load_codec("/path/to/higgs-audio-v2-tokenizer")   # or resolve_codec("tiny")
     codes = codec.encode(wave_24k)                            # np.uint16 (8, ceil(n / 960))
