@@ -232,6 +232,10 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.label_names is None:
+            # HF takes every forward argument named *label* as a label key (the native class: labels and
+            # audio_labels) and computes no evaluation loss when one is missing; our batches carry `labels`.
+            self.label_names = ["labels"]
         # Added here, not by the pipeline, so that `higgs-ds train` and `swift sft` get the same set;
         # each only once, whoever else (e.g. SWIFT's --callbacks) may have added one.
         peak = (self.peak_tflops or _env_number(ENV_PEAK_TFLOPS, float) or 0.0) * 1e12 or device_peak_flops()
