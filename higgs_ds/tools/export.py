@@ -501,7 +501,9 @@ def _build(
 ) -> None:
     """Write the whole export into the empty folder `tmp`: the weights in the trained family's format, then
     converted when `fmt` is the other one; the model card, codec note and marker on top."""
-    lora = merge_lora and (ckpt / "adapter_config.json").is_file()  # adapters only: the base has the config
+    lora = (ckpt / "adapter_config.json").is_file()  # adapters only: the base has the config
+    if lora and not merge_lora:
+        raise ExportError(f"{ckpt} holds LoRA adapters: pass --merge-lora to merge them into the base model")
     family = model_family(_lora_base(ckpt, base) if lora else ckpt)
     if family == fmt:
         dtype_name = _write_weights(ckpt, tmp, dtype, merge_lora, base, family, codec)
