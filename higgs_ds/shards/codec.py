@@ -285,7 +285,27 @@ def _check_native_weights(path: Path, config) -> None:
         )
 
 
+@contextlib.contextmanager
+def _outside_zero3():
+    """Inside a ZeRO-3 training process transformers builds every model partitioned (deepspeed.zero.Init) while
+    the trainer's DeepSpeed config is registered; the codec (validation audio) is a small frozen model each rank
+    holds whole, and its HuBERT init fails partitioned. Unregister the config while the codec is built."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _load_native(path: Path, device: str) -> Codec:
+    with _outside_zero3():
+        return _load_native_whole(path, device)
+
+
+def _load_native_whole(path: Path, device: str) -> Codec:
     import torch
     from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
 
