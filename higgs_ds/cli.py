@@ -191,7 +191,9 @@ def parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_tiny_model)
 
-    s = sub.add_parser("tiny-codec", help="write a tiny random-weight Higgs audio codec directory (offline)")
+    s = sub.add_parser(
+        "tiny-codec", help="write a tiny random-weight Higgs audio codec directory in this environment's format (offline)"
+    )
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_tiny_codec)
@@ -207,7 +209,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("manifests", nargs="+", help="ChatML or plain-TTS JSONL manifests (audio paths relative to each)")
     s.add_argument("--out", required=True, help="output shard directory")
-    s.add_argument("--codec", required=True, help="codec directory (config.json + model.pth), or 'tiny'")
+    s.add_argument(
+        "--codec",
+        required=True,
+        help="codec directory of this environment's family (native: config.json + model.safetensors, Boson's "
+        "main; boson: config.json + model.pth, revision 9d4988fb), or 'tiny'",
+    )
     s.add_argument("--max-seconds", type=float, default=30.0, help="reject audio items longer than this (30)")
     s.add_argument(
         "--max-sample-seconds",

@@ -4,8 +4,11 @@ They are the released classes with small sizes and random (seeded) weights, writ
 load through the same `from_pretrained(dir)` / codec-loader path as the released checkpoint. Nothing is
 downloaded.
 
-    higgs-ds tiny-model OUT_DIR      # HiggsAudioConfig + random weights + tokenizer
-    higgs-ds tiny-codec OUT_DIR      # HiggsAudioTokenizer (codec) + local HuBERT teacher config
+    higgs-ds tiny-model OUT_DIR [--family native|boson]   # this environment's family by default
+    higgs-ds tiny-codec OUT_DIR      # this environment's codec class (native or boson's HiggsAudioTokenizer)
+
+This module holds the tiny tokenizer (both families) and boson's tiny model; the native one is
+higgs_ds.models.native.tiny.
 """
 
 from __future__ import annotations
