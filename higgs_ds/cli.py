@@ -192,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_tiny_model)
 
     s = sub.add_parser(
-        "tiny-codec", help="write a tiny random-weight Higgs audio codec directory in this environment's format (offline)"
+        "tiny-codec", help="write a tiny random-weight Higgs audio codec directory in this environment's format"
     )
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
