@@ -92,6 +92,18 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Every file and folder under `root` on disk, before the rename that publishes it."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
 def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """fsync `tmp`, rename it to `final`, fsync the directory: `final` is then durable and whole."""
     with open(tmp, "rb+") as f:

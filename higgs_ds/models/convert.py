@@ -59,7 +59,7 @@ from higgs_ds.models.strict import (
     mismatch_message,
     read_headers,
 )
-from higgs_ds.safe_io import fsync_dir
+from higgs_ds.safe_io import fsync_dir, fsync_tree
 
 NATIVE_ARCH, BOSON_ARCH = "HiggsAudioV2ForConditionalGeneration", "HiggsAudioModel"
 NATIVE_VERSION, BOSON_VERSION = "5.19.0", "4.46.3"  # the transformers each environment pins
@@ -565,15 +565,24 @@ def _check_out(src: Path, out: Path) -> None:
         )
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(folder)
+def build_new_folder(out: Path, tag: str, build):
+    """`build(tmp)` into a fresh hidden folder beside `out`, fsynced, then renamed to `out` (new or empty);
+    on any failure only that folder is removed. Returns what `build` returned."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{tag}.{os.getpid()}.{secrets.token_hex(8)}")
+    tmp.mkdir()
+    try:
+        result = build(tmp)
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, out)  # onto nothing or an empty folder; fails if the folder filled meanwhile
+        except OSError as err:
+            raise ConvertError(f"--out {out} could not be created ({err}): pass a new folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
+        raise
+    fsync_dir(out.parent)
+    return result
 
 
 def _native_extras(src: Path, tmp: Path) -> None:
@@ -654,20 +663,7 @@ def convert_model(src_dir: str | os.PathLike, to: str, out_dir: str | os.PathLik
         raise ConvertError(f"{src} is already a {to}-format model: nothing to convert")
     out = Path(os.path.realpath(out_dir))
     _check_out(src, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.convert.{os.getpid()}.{secrets.token_hex(8)}")
-    tmp.mkdir()
-    try:
-        left = _build(src, family, to, tmp)
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, out)  # onto nothing or an empty folder; fails if the folder filled meanwhile
-        except OSError as err:
-            raise ConvertError(f"--out {out} could not be created ({err}): pass a new folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
-        raise
-    fsync_dir(out.parent)
+    left = build_new_folder(out, "convert", lambda tmp: _build(src, family, to, tmp))
     if left:
         print(f"higgs-ds: note: not carried over from {src}: {', '.join(left)}", file=sys.stderr)
     return out

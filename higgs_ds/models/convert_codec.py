@@ -50,13 +50,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-import shutil
 from pathlib import Path
 
-from higgs_ds.models.convert import ConvertError, _check_out, _fsync_tree
+from higgs_ds.models.convert import ConvertError, _check_out, build_new_folder
 from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, FamilyError, codec_family
-from higgs_ds.safe_io import fsync_dir
 
 CONFIG_FILE, BOSON_WEIGHTS, NATIVE_WEIGHTS = "config.json", "model.pth", "model.safetensors"
 TEACHER_CONFIG = Path("semantic_teacher") / "config.json"
@@ -618,18 +615,5 @@ def convert_codec(src_dir: str | os.PathLike, to: str, out_dir: str | os.PathLik
         raise ConvertError(f"{src} is already a {to}-format codec: nothing to convert")
     out = Path(os.path.realpath(out_dir))
     _check_out(src, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.convert-codec.{os.getpid()}.{secrets.token_hex(8)}")
-    tmp.mkdir()
-    try:
-        (_to_native if to == NATIVE else _to_boson)(src, tmp)
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, out)  # onto nothing or an empty folder; fails if the folder filled meanwhile
-        except OSError as err:
-            raise ConvertError(f"--out {out} could not be created ({err}): pass a new folder") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
-        raise
-    fsync_dir(out.parent)
+    build_new_folder(out, "convert-codec", lambda tmp: (_to_native if to == NATIVE else _to_boson)(src, tmp))
     return out

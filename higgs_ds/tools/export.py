@@ -49,7 +49,7 @@ from higgs_ds.errors import UserError
 from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, model_family, require_model_family
 from higgs_ds.models.patches import patch_for_training
 from higgs_ds.models.trust import check_model_dir, forbid_remote_code
-from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, is_secret_key, redact
+from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, fsync_tree, is_secret_key, redact
 from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
 
 COPIED_FILES = (
@@ -364,17 +364,6 @@ def _check_out_contents(out: Path) -> None:
 # ------------------------------------------------------------------------------------- publishing
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(folder)
-
-
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -487,7 +476,7 @@ def export(
         tmp.mkdir()
         try:
             _build(ckpt, tmp, dtype, merge_lora, base, fmt, codec)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             _check_out_contents(out)  # again: consolidation takes minutes
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call made
