@@ -1,7 +1,7 @@
 """The epoch plan: which micro-batches each rank reads in an epoch, decided from the shard indexes alone.
 
 Because the plan is a pure function of (indexes, seed, epoch, world size, batching settings), every rank
-computes every rank's plan without communicating, and:
+computes its plan without communicating, and:
 
 * the global sample order is fixed by (seed, epoch): shards in a shuffled order, samples shuffled within
   each shard; it does not depend on the number of dataloader workers;
@@ -23,18 +23,34 @@ computes every rank's plan without communicating, and:
   (no sample repeated) and repeats a sample only when no batch can be split;
 * worker w of a rank reads the rank's batches w, w+W, w+2W, ...; a DataLoader returns worker batches in
   that round-robin order, so the sequence of batches is the same for any number of workers.
+
+How, for millions of samples and a thousand ranks: the per-sample facts are flat numpy arrays (`_Samples`);
+the global order is built once per process (CPython's shuffles, 0.25 us a sample, so that the order is the
+one every earlier higgs-ds computed: tests/reference/plan_v1.py is that definition and
+tests/test_plan_equality.py compares); the cloning draws are vectorised (higgs_ds.stream.pyrandom); how many
+budget batches every rank forms, which fixes the equal count, is one vector step per window position for
+all ranks' windows at once (`_pack_windows`); only this rank's batches become Python objects. The plan's
+batches and references are arrays (`Batches`, `References`), so forked dataloader workers share them.
+`EpochLayout` holds the all-ranks part, so `preflight` costs O(samples + ranks), not a plan per rank.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from higgs_ds.errors import UserError
+from higgs_ds.stream.pyrandom import random_floats, shuffled
 
 Position = tuple[int, int]  # (shard number in the shard list, sample number in the shard)
+NO_LIMIT = 1 << 62
+# Below this many length-sorted windows in all, packing walks the samples in Python instead of stepping
+# all windows together (one vector step per position costs ~10 us whatever the number of windows).
+_VECTOR_WINDOWS = 64
 
 
 class PlanError(UserError):
@@ -46,15 +62,17 @@ class ShardRef:
     path: str
     num_samples: int
     lengths: tuple[int, ...] | None = None
-    """Expanded length of each sample (from a build with --tokenizer), in shard order."""
+    """Expanded length of each sample (from a build with --tokenizer), in shard order (tuple or array)."""
     dataset: int = 0
     """Which shard directory (data set) the shard belongs to: mixing weights and cloning references are
     per directory."""
     speakers: tuple[str | None, ...] | None = None
-    """Speaker of each sample; None for an index written before speakers were recorded."""
+    """Speaker of each sample (strings with None, or int ids into the directory's table with -1 for none);
+    None for an index written before speakers were recorded."""
     clone_parts: tuple | None = None
     """Per sample, None (not a plain single-speaker TTS sample) or (head, pair): the unrounded expanded
-    positions of its system turn and of its user + assistant turns (None, None without --tokenizer)."""
+    positions of its system turn and of its user + assistant turns (None, None without --tokenizer). As an
+    (n, 2) int array: rows (-1, -1) for None and (-2, -2) for (None, None)."""
 
 
 @dataclass(frozen=True)
@@ -70,28 +88,94 @@ class BatchingConfig:
     """Fraction of plain single-speaker TTS samples that get a reference of the same speaker."""
 
 
+class Batches(Sequence):
+    """Micro-batches held as arrays: `pairs` (n x 2: shard, sample) and `starts` (batch k is rows
+    starts[k]:starts[k + 1]); `ids` selects and orders batches (a worker's share). Indexing gives a list
+    of (shard, sample) tuples. Arrays, not lists of tuples, so forked workers do not copy the plan."""
+
+    def __init__(self, pairs: np.ndarray, starts: np.ndarray, ids: np.ndarray | None = None):
+        self.pairs, self.starts = pairs, starts
+        self.ids = np.arange(len(starts) - 1) if ids is None else ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return Batches(self.pairs, self.starts, self.ids[k])
+        b = int(self.ids[k])
+        return [(int(s), int(i)) for s, i in self.pairs[self.starts[b] : self.starts[b + 1]].tolist()]
+
+    def sizes(self) -> np.ndarray:
+        return (self.starts[1:] - self.starts[:-1])[self.ids]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (Batches, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(list(a) == list(b) for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self)} micro-batches)"
+
+
+class References(Mapping):
+    """Position -> its voice-cloning reference, as two sorted flat arrays (shared by forked workers)."""
+
+    def __init__(self, samples: "_Samples", keys: np.ndarray, values: np.ndarray):
+        self.samples, self.keys, self.values = samples, keys, values
+
+    def _find(self, pos) -> int:
+        s, i = pos
+        if not (0 <= s < len(self.samples.starts) - 1 and 0 <= i < self.samples.sizes[s]):
+            return -1
+        flat = self.samples.starts[s] + i
+        k = int(np.searchsorted(self.keys, flat))
+        return k if k < len(self.keys) and self.keys[k] == flat else -1
+
+    def __getitem__(self, pos) -> Position:
+        k = self._find(pos)
+        if k < 0:
+            raise KeyError(pos)
+        return self.samples.position(int(self.values[k]))
+
+    def __contains__(self, pos) -> bool:
+        return isinstance(pos, tuple) and len(pos) == 2 and self._find(pos) >= 0
+
+    def __iter__(self):
+        return (self.samples.position(int(f)) for f in self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 @dataclass
 class EpochPlan:
-    batches: list[list[Position]]
+    batches: Batches
     num_global: int
     num_repeated: int = 0
     num_dropped: int = 0
     num_split: int = 0
     dropped: list[Position] = field(default_factory=list)
-    references: dict[Position, Position] = field(default_factory=dict)
+    references: Mapping = field(default_factory=dict)
     """Voice-cloning reference of each sample that has one (the same for every occurrence in the epoch)."""
     mix: list[dict] = field(default_factory=list)
     """Per data set with weights: weight, samples, drawn, repeated (drawn beyond one each), left_out."""
     clone: dict = field(default_factory=dict)
     """With clone_references: eligible, drawn, cloned, lonely (speaker has no other sample), too_long."""
+    lengths: np.ndarray | None = None
+    """Expanded length (with its reference) of each row of batches.pairs; None without lengths."""
 
-    def real_position_fraction(self, refs: list[ShardRef]) -> float | None:
-        if any(r.lengths is None for r in refs):
+    def real_position_fraction(self, refs: list[ShardRef] | None = None) -> float | None:
+        if self.lengths is None:
             return None
-        length = _length_fn(refs, self.references)
-        real = sum(length(p) for b in self.batches for p in b)
-        padded = sum(len(b) * max(length(p) for p in b) for b in self.batches)
-        return real / padded if padded else None
+        every = self.batches.starts
+        if len(every) < 2:
+            return None
+        ids = self.batches.ids  # per batch of the whole plan, then the selected ones
+        longest = np.maximum.reduceat(self.lengths, every[:-1])[ids]
+        real = np.add.reduceat(self.lengths, every[:-1])[ids]
+        padded = int((self.batches.sizes() * longest).sum())
+        return int(real.sum()) / padded if padded else None
 
 
 def check_weights(weights, num_sets: int) -> None:
@@ -121,44 +205,93 @@ def check_clone_fraction(fraction) -> None:
         )
 
 
-def _units(refs: list[ShardRef], seed: int, epoch: int, weights) -> tuple[list, list[dict]]:
+class _Samples:
+    """Every sample of every shard as one flat numbering (shard order, then sample order), with the
+    index's per-sample facts as arrays: expanded lengths, speaker keys, clone parts."""
+
+    def __init__(self, refs: list[ShardRef]):
+        self.refs = refs
+        self.sizes = np.array([r.num_samples for r in refs], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.dataset = np.array([r.dataset for r in refs], dtype=np.int64)
+        self.missing_lengths = next((r.path for r in refs if r.lengths is None), None)
+        self.lengths = None if self.missing_lengths else _concat([np.asarray(r.lengths) for r in refs])
+
+    def position(self, flat: int) -> Position:
+        s = int(np.searchsorted(self.starts, flat, side="right")) - 1
+        return (s, int(flat - self.starts[s]))
+
+    def positions(self, flat: np.ndarray) -> np.ndarray:
+        """(n, 2) array of (shard, sample) for flat numbers."""
+        s = np.searchsorted(self.starts, flat, side="right") - 1
+        return np.stack([s, flat - self.starts[s]], axis=1)
+
+    def speaker_keys(self) -> np.ndarray:
+        """Per sample, an int64 equal for two samples exactly when they have the same directory and speaker."""
+        keys, tables = [], {}
+        for r in self.refs:
+            spk = r.speakers
+            if isinstance(spk, np.ndarray):
+                ids = spk.astype(np.int64) + 1  # -1 (none) -> 0, the key None gets below
+            else:
+                table = tables.setdefault(r.dataset, {None: 0})
+                ids = np.array([table.setdefault(x, len(table)) for x in spk], dtype=np.int64)
+            keys.append(ids + (r.dataset << 32))
+        return _concat(keys)
+
+    def clone_parts(self) -> np.ndarray:
+        """(n, 2) int64: (head, pair); (-1, -1) not plain TTS; (-2, -2) plain but built without lengths."""
+        parts = []
+        for r in self.refs:
+            cp = r.clone_parts
+            if isinstance(cp, np.ndarray):
+                parts.append(cp.astype(np.int64).reshape(-1, 2))
+            else:
+                parts.append(np.array([_part_row(p) for p in cp], dtype=np.int64).reshape(-1, 2))
+        return _concat(parts).reshape(-1, 2)
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _part_row(p) -> tuple[int, int]:
+    if p is None:
+        return (-1, -1)
+    head, pair = p
+    return (-2, -2) if head is None else (head, pair)
+
+
+def _units(samples: _Samples, seed: int, epoch: int, weights) -> tuple[list, list[dict]]:
     """The epoch's passes over shards as (shard, pass, chosen sample numbers or None for all), pass 0 of
     every shard first (so without weights the order is the unweighted one), and per-set counts."""
+    refs = samples.refs
     if weights is None:
         return [(s, 0, None) for s in range(len(refs))], []
     by_set: dict[int, list[int]] = {}
     for s, r in enumerate(refs):
         by_set.setdefault(r.dataset, []).append(s)
-    partial: dict[int, list[int]] = {}  # shard -> chosen samples of its set's fractional pass
+    partial: dict[int, np.ndarray] = {}  # shard -> chosen samples of its set's fractional pass
     whole: dict[int, int] = {}
     mix = []
     for d in sorted(by_set):
         w = float(weights[d])
         full = math.floor(w)
         shards = by_set[d]
-        size = sum(refs[s].num_samples for s in shards)
+        size = int(samples.sizes[shards].sum())
         take = round((w - full) * size)
-        offsets = [0]
-        for s in shards:
-            offsets.append(offsets[-1] + refs[s].num_samples)
+        offsets = np.concatenate([[0], np.cumsum(samples.sizes[shards])])
         # a (seed, epoch)-chosen subset of the set: a different one each epoch, so all are seen over epochs
-        for flat in sorted(random.Random(f"{seed}/{epoch}/mix/{d}").sample(range(size), take)):
-            k = bisect.bisect_right(offsets, flat) - 1  # the shard holding the set's flat sample number
-            partial.setdefault(shards[k], []).append(flat - offsets[k])
+        chosen = np.sort(np.asarray(random.Random(f"{seed}/{epoch}/mix/{d}").sample(range(size), take), dtype=np.int64))
+        holder = np.searchsorted(offsets, chosen, side="right") - 1  # which of the set's shards holds each
+        for k in np.unique(holder).tolist():
+            partial[shards[k]] = chosen[holder == k] - offsets[k]
         for s in shards:
             whole[s] = full
         unique = size if full else take
         drawn = full * size + take
-        mix.append(
-            {
-                "set": d,
-                "weight": w,
-                "samples": size,
-                "drawn": drawn,
-                "repeated": drawn - unique,
-                "left_out": size - unique,
-            }
-        )
+        mix.append({"set": d, "weight": w, "samples": size, "drawn": drawn, "repeated": drawn - unique,
+                    "left_out": size - unique})  # fmt: skip
     units = []
     for p in range(max(whole.values(), default=0) + 1):
         for s in range(len(refs)):
@@ -169,139 +302,307 @@ def _units(refs: list[ShardRef], seed: int, epoch: int, weights) -> tuple[list, 
     return units, mix
 
 
+def _order(samples: _Samples, seed: int, epoch: int, weights) -> tuple[np.ndarray, list[dict]]:
+    """The epoch's global order as flat sample numbers (with each set's weight applied), and the mixing
+    counts: units in a (seed, epoch) order, each unit's samples shuffled by its own stream."""
+    units, mix = _units(samples, seed, epoch, weights)
+    shuffled_units = list(range(len(units)))
+    random.Random(f"{seed}/{epoch}").shuffle(shuffled_units)
+    parts = []
+    for u in shuffled_units:
+        s, p, chosen = units[u]
+        inner = range(int(samples.sizes[s])) if chosen is None else chosen
+        key = f"{seed}/{epoch}/{s}" if p == 0 else f"{seed}/{epoch}/{s}/{p}"
+        parts.append(shuffled(key, inner) + samples.starts[s])
+    return _concat(parts), mix
+
+
 def epoch_order(refs: list[ShardRef], seed: int, epoch: int, weights=None) -> tuple[list[Position], list[dict]]:
     """The epoch's global sample order (with each set's weight applied) and the per-set mixing counts."""
-    units, mix = _units(refs, seed, epoch, weights)
-    rng = random.Random(f"{seed}/{epoch}")
-    shuffled = list(range(len(units)))
-    rng.shuffle(shuffled)
-    order = []
-    for u in shuffled:
-        s, p, chosen = units[u]
-        inner = list(range(refs[s].num_samples)) if chosen is None else list(chosen)
-        random.Random(f"{seed}/{epoch}/{s}" if p == 0 else f"{seed}/{epoch}/{s}/{p}").shuffle(inner)
-        order += [(s, i) for i in inner]
-    return order, mix
+    samples = _Samples(refs)
+    order, mix = _order(samples, seed, epoch, weights)
+    return [(int(s), int(i)) for s, i in samples.positions(order).tolist()], mix
 
 
 def global_order(refs: list[ShardRef], seed: int, epoch: int) -> list[Position]:
     return epoch_order(refs, seed, epoch)[0]
 
 
-def _length(refs, pos: Position) -> int:
-    return refs[pos[0]].lengths[pos[1]]
+def _ceil8(n):
+    return -(-n // 8) * 8
 
 
 def clone_length(refs: list[ShardRef], pos: Position, ref: Position) -> int:
     """Expanded length of sample `pos` with `ref` as its reference: its system turn, the reference's user
     and assistant turns, its own user and assistant turns, rounded up to 8 like expanded_length."""
-    head, pair = refs[pos[0]].clone_parts[pos[1]]
-    n = head + pair + refs[ref[0]].clone_parts[ref[1]][1]
-    return -(-n // 8) * 8
+    head, pair = _part_row(_parts_of(refs[pos[0]], pos[1]))
+    return int(_ceil8(head + pair + _part_row(_parts_of(refs[ref[0]], ref[1]))[1]))
 
 
-def _length_fn(refs, references: dict):
-    if not references:
-        return lambda pos: _length(refs, pos)
-    return lambda pos: clone_length(refs, pos, references[pos]) if pos in references else _length(refs, pos)
+def _parts_of(ref: ShardRef, i: int):
+    cp = ref.clone_parts
+    if isinstance(cp, np.ndarray):
+        head, pair = (int(x) for x in cp[i])
+        return None if head == -1 else (None, None) if head == -2 else (head, pair)
+    return cp[i]
 
 
-def choose_references(refs: list[ShardRef], order: list[Position], fraction: float, seed: int, epoch: int, limit):
+@dataclass
+class _Cloning:
+    keys: np.ndarray  # sorted flat numbers of the samples that get a reference
+    values: np.ndarray  # their references' flat numbers
+    lengths: np.ndarray | None  # expanded lengths with the references
+    counts: dict
+
+
+def _choose_references(samples: _Samples, order: np.ndarray, fraction: float, seed: int, epoch: int,
+                       limit: int) -> _Cloning:  # fmt: skip
     """Each eligible sample of the epoch draws (from (seed, epoch) and its place in its set's index) whether
     it gets a reference and which other sample of its speaker it is; a pair longer than `limit` stays
-    plain. Returns (references, counts)."""
+    plain. Every member of a set draws twice from the set's stream, groups (speakers) in the order of their
+    first sample and members in index order, present this epoch or not: a draw never depends on others."""
     counts = {"eligible": 0, "drawn": 0, "cloned": 0, "lonely": 0, "too_long": 0}
-    references: dict[Position, Position] = {}
+    none = np.zeros(0, dtype=np.int64)
     if not fraction:
-        return references, counts
+        return _Cloning(none, none, samples.lengths, counts)
+    refs = samples.refs
     missing = next((r.path for r in refs if r.speakers is None or r.clone_parts is None), None)
     if missing:
         raise PlanError(
             f"data.clone_references needs each sample's speaker in the index, which {missing}'s index "
             "lacks (built by an older higgs-ds): rebuild the shards with this version of `higgs-ds shards build`"
         )
-    unsized = next((r.path for r in refs if r.lengths is not None and (None, None) in r.clone_parts), None)
-    if unsized:
+    parts = samples.clone_parts()
+    shard_of = np.repeat(np.arange(len(refs)), samples.sizes)
+    unsized = [r.lengths is not None for r in refs]
+    bad = np.flatnonzero((parts[:, 0] == -2) & np.array(unsized, dtype=bool)[shard_of])
+    if bad.size:
         raise PlanError(
-            f"{unsized}'s index has expanded lengths but not those of its turns (clone_parts), which planning "
-            "with references needs: rebuild the shards with `higgs-ds shards build --tokenizer MODEL`"
+            f"{refs[shard_of[bad[0]]].path}'s index has expanded lengths but not those of its turns (clone_parts), "
+            "which planning with references needs: rebuild the shards with `higgs-ds shards build --tokenizer MODEL`"
         )
-    groups: dict[tuple[int, str], list[Position]] = {}
-    for s, r in enumerate(refs):
-        for i, parts in enumerate(r.clone_parts):
-            if parts is not None:
-                groups.setdefault((r.dataset, r.speakers[i]), []).append((s, i))
-    present = set(order)
-    streams: dict[int, random.Random] = {}
-    for (d, _), group in sorted(groups.items(), key=lambda g: g[1][0]):  # sets and speakers in index order
-        rng = streams.setdefault(d, random.Random(f"{seed}/{epoch}/clone/{d}"))
-        for own, pos in enumerate(group):
-            draw, pick = rng.random(), rng.random()  # always both: a sample's draw does not depend on others
-            if pos not in present:
-                continue
-            counts["eligible"] += 1
-            if draw >= fraction:
-                continue
-            counts["drawn"] += 1
-            if len(group) < 2:
-                counts["lonely"] += 1
-                continue
-            j = int(pick * (len(group) - 1))
-            ref = group[j if j < own else j + 1]  # any other sample of the speaker, never itself
-            if limit is not None and refs[pos[0]].lengths is not None and clone_length(refs, pos, ref) > limit:
-                counts["too_long"] += 1
-                continue
-            references[pos] = ref
-            counts["cloned"] += 1
-    return references, counts
+    eligible = np.flatnonzero(parts[:, 0] != -1)
+    # speakers (groups) in the order of their first sample, members in index order
+    _, first, inverse = np.unique(samples.speaker_keys()[eligible], return_index=True, return_inverse=True)
+    rank_of_group = np.empty(len(first), dtype=np.int64)
+    rank_of_group[np.argsort(first)] = np.arange(len(first))
+    by_group = np.lexsort((eligible, rank_of_group[inverse]))
+    member, group = eligible[by_group], rank_of_group[inverse][by_group]
+    group_size = np.bincount(group, minlength=len(first))
+    group_start = np.concatenate([[0], np.cumsum(group_size)])[group]
+    own = np.arange(len(member)) - group_start
+    draw, pick = _clone_draws(samples.dataset[shard_of[member]], seed, epoch)
+    present = np.zeros(len(parts), dtype=bool)
+    present[order] = True
+    here = present[member]
+    drawn = here & (draw < fraction)
+    lonely = drawn & (group_size[group] < 2)
+    j = (pick * (group_size[group] - 1)).astype(np.int64)
+    candidate = drawn & ~lonely
+    ref = member[np.where(candidate, group_start + np.where(j < own, j, j + 1), np.arange(len(member)))]
+    length = samples.lengths
+    with_ref = None
+    too_long = np.zeros(len(member), dtype=bool)
+    if length is not None:
+        with_ref = _ceil8(parts[member, 0] + parts[member, 1] + parts[ref, 1])
+        too_long = candidate & (with_ref > limit)
+    cloned = candidate & ~too_long
+    counts = {"eligible": int(here.sum()), "drawn": int(drawn.sum()), "cloned": int(cloned.sum()),
+              "lonely": int(lonely.sum()), "too_long": int(too_long.sum())}  # fmt: skip
+    keys, values = member[cloned], ref[cloned]
+    sort = np.argsort(keys)
+    lengths = None
+    if length is not None:
+        lengths = length.copy()
+        lengths[member[cloned]] = with_ref[cloned]
+    return _Cloning(keys[sort], values[sort], lengths, counts)
 
 
-def _fixed_batches(positions: list[Position], size: int) -> list[list[Position]]:
-    return [positions[i : i + size] for i in range(0, len(positions), size)]
+def _clone_draws(dataset_of_member: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's two random() values from its set's stream, in member order within the set."""
+    draw = np.empty(len(dataset_of_member))
+    pick = np.empty(len(dataset_of_member))
+    for d in np.unique(dataset_of_member).tolist():
+        at = np.flatnonzero(dataset_of_member == d)
+        values = random_floats(f"{seed}/{epoch}/clone/{d}", 2 * len(at))
+        draw[at], pick[at] = values[0::2], values[1::2]
+    return draw, pick
 
 
-def _budget_batches(positions, length, cfg: BatchingConfig, rng: random.Random) -> list[list[Position]]:
-    """Length-sorted windows packed greedily under max_tokens (padded rectangle), batches then shuffled."""
-    batches = []
-    step = cfg.window
-    for start in range(0, len(positions), step):
-        window = sorted(positions[start : start + step], key=length)
-        current: list[Position] = []
-        for pos in window:
-            if current and (len(current) + 1) * length(pos) > cfg.max_tokens:
-                batches.append(current)
-                current = []
-            current.append(pos)
-        if current:
-            batches.append(current)
-    rng.shuffle(batches)
-    return batches
+class EpochLayout:
+    """The all-ranks part of an epoch's plan, computed once: the kept global order, every rank's number of
+    micro-batches (the target all ranks are brought to), what was dropped, cloned and mixed. `rank_plan`
+    gives one rank's plan from it; `plan_epoch` = both."""
+
+    def __init__(self, refs: list[ShardRef], cfg: BatchingConfig, *, seed: int, epoch: int, world_size: int):
+        if (cfg.max_tokens or cfg.max_length) and any(r.lengths is None for r in refs):
+            missing = next(r.path for r in refs if r.lengths is None)
+            raise PlanError(
+                f"budget batching (max_tokens) and max_length need per-sample expanded lengths, which "
+                f"{missing}'s index lacks: rebuild the shards with `higgs-ds shards build --tokenizer MODEL`"
+            )
+        # data.shards may end in directories without shards; DataConfig checks the weights' count exactly
+        check_weights(cfg.weights, max(max((r.dataset for r in refs), default=-1) + 1, len(cfg.weights or ())))
+        check_clone_fraction(cfg.clone_references)
+        self.cfg, self.seed, self.epoch, self.world = cfg, seed, epoch, world_size
+        self.samples = samples = _Samples(refs)
+        order, self.mix = _order(samples, seed, epoch, cfg.weights)
+        self.limit = limit = min(x for x in (cfg.max_tokens, cfg.max_length, NO_LIMIT) if x)
+        cloning = _choose_references(samples, order, cfg.clone_references, seed, epoch, limit)
+        self.references = References(samples, cloning.keys, cloning.values)
+        self.clone = cloning.counts if cfg.clone_references else {}
+        self.lengths = cloning.lengths
+        self.num_global = len(order)
+        if self.lengths is not None and limit < NO_LIMIT:
+            keep = self.lengths[order] <= limit
+            self.kept, self.dropped = order[keep], order[~keep]
+        else:
+            self.kept, self.dropped = order, order[:0]
+        if len(self.kept) < world_size:
+            raise PlanError(f"the shards hold {len(self.kept)} usable samples, fewer than the {world_size} ranks")
+        self.per_rank = -(-len(self.kept) // world_size)
+        self._rank_counts()
+
+    def _block(self, rank: int) -> np.ndarray:
+        """Rank's contiguous block of the kept order, padded from the order's start (flat numbers)."""
+        q = np.arange(rank * self.per_rank, (rank + 1) * self.per_rank)
+        return self.kept[np.where(q < len(self.kept), q, (q - len(self.kept)) % len(self.kept))]
+
+    def padding(self, rank: int) -> int:
+        return max(0, (rank + 1) * self.per_rank - max(len(self.kept), rank * self.per_rank))
+
+    def _rank_counts(self) -> None:
+        """Micro-batches each rank forms before equalising; with budget batching, packed for all ranks."""
+        cfg = self.cfg
+        if not cfg.max_tokens:
+            self.counts = np.full(self.world, -(-self.per_rank // cfg.batch_size), dtype=np.int64)
+            self._packed = None
+        else:
+            padded = self._block_all()
+            self._packed = _pack_windows(self.lengths[padded], self.world, self.per_rank, cfg.window, cfg.max_tokens)
+            self.counts = self._packed.batches_per_rank
+        self.target = int(self.counts.max())
+
+    def _block_all(self) -> np.ndarray:
+        q = np.arange(self.world * self.per_rank)
+        k = len(self.kept)
+        return self.kept[np.where(q < k, q, (q - k) % k)]
+
+    def num_repeated(self, rank: int) -> int:
+        return self.padding(rank) + max(0, self.target - self.per_rank)
+
+    def total_repeated(self) -> int:
+        """Samples repeated this epoch over all ranks (padding and equalising), O(ranks)."""
+        padding = self.world * self.per_rank - len(self.kept)
+        return padding + self.world * max(0, self.target - self.per_rank)
+
+    def rank_plan(self, rank: int) -> EpochPlan:
+        if not 0 <= rank < self.world:
+            raise PlanError(f"rank {rank} is outside world size {self.world}")
+        mine = self._block(rank)
+        if self._packed is None:
+            order = np.arange(len(mine))
+            bounds = list(range(0, len(mine), self.cfg.batch_size)) + [len(mine)]
+            segments = list(zip(bounds[:-1], bounds[1:]))
+        else:
+            order, segments = self._packed.rank_batches(rank)
+            random.Random(f"{self.seed}/{self.epoch}/batches/{rank}").shuffle(segments)
+        flat = mine[order]
+        segments, splits, extra = _equalise(segments, self.target)
+        rows = np.concatenate([np.arange(a, b) for a, b in segments]) if segments else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum([b - a for a, b in segments])]).astype(np.int64)
+        pairs = self.samples.positions(flat[rows])
+        dropped = [(int(s), int(i)) for s, i in self.samples.positions(self.dropped).tolist()]
+        return EpochPlan(
+            batches=Batches(pairs, starts),
+            num_global=self.num_global,
+            num_repeated=self.padding(rank) + extra,
+            num_dropped=len(self.dropped),
+            num_split=splits,
+            dropped=dropped,
+            references=self.references,
+            mix=self.mix,
+            clone=self.clone,
+            lengths=None if self.lengths is None else self.lengths[flat[rows]],
+        )
 
 
-def _rank_batches(order, length, cfg: BatchingConfig, rank: int, world: int, seed: int, epoch: int):
-    per_rank = -(-len(order) // world)
-    repeats = per_rank * world - len(order)
-    padded = order + [order[i % len(order)] for i in range(repeats)]
-    mine = padded[rank * per_rank : (rank + 1) * per_rank]
-    repeats = max(0, (rank + 1) * per_rank - max(len(order), rank * per_rank))  # padding in this rank's block
-    if cfg.max_tokens:
-        return _budget_batches(mine, length, cfg, random.Random(f"{seed}/{epoch}/batches/{rank}")), repeats
-    return _fixed_batches(mine, cfg.batch_size), repeats
+@dataclass
+class _Packed:
+    """Budget batches of all ranks: the within-window length order and where batches start in it."""
+
+    order: np.ndarray  # per rank block position -> sorted position, for all ranks (world x per_rank)
+    starts: np.ndarray  # bool, same shape: a batch starts at this sorted position
+    batches_per_rank: np.ndarray
+
+    def rank_batches(self, rank: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        order, starts = self.order[rank], np.flatnonzero(self.starts[rank])
+        bounds = starts.tolist() + [len(order)]
+        return order, list(zip(bounds[:-1], bounds[1:]))
 
 
-def _equalise(batches: list[list[Position]], target: int) -> tuple[list[list[Position]], int, int]:
-    """Split the largest batches until there are `target`; repeat a sample only if none can be split."""
-    batches, splits, repeats = [list(b) for b in batches], 0, 0
-    while len(batches) < target:
-        largest = max(range(len(batches)), key=lambda i: len(batches[i]), default=None)
-        if largest is not None and len(batches[largest]) > 1:
-            b = batches[largest]
-            batches[largest : largest + 1] = [b[: len(b) // 2], b[len(b) // 2 :]]
+def _pack_windows(lengths: np.ndarray, world: int, per_rank: int, window: int, max_tokens: int) -> _Packed:
+    """Every rank's block cut in windows of `window` samples, each sorted by length (stable) and packed
+    greedily: a sample starts a new batch when the batch with it would exceed max_tokens (padded
+    rectangle: samples x the longest, which in sorted order is the newest)."""
+    lengths = lengths.reshape(world, per_rank)
+    width = min(window, per_rank)
+    per_window = -(-per_rank // width)
+    within = np.arange(per_rank)
+    win = within // width
+    sort = np.lexsort((np.broadcast_to(within, lengths.shape), lengths, np.broadcast_to(win, lengths.shape)))
+    ordered = np.take_along_axis(lengths, sort, axis=1)
+    if world * per_window >= _VECTOR_WINDOWS:
+        starts = _greedy_vector(ordered, per_window, width, max_tokens)
+    else:
+        starts = _greedy_python(ordered, width, max_tokens)
+    return _Packed(sort, starts, starts.sum(axis=1))
+
+
+def _greedy_vector(ordered: np.ndarray, per_window: int, width: int, max_tokens: int) -> np.ndarray:
+    """All windows at once, one step per position in a window."""
+    world, per_rank = ordered.shape
+    grid = np.full((world, per_window * width), -1, dtype=np.int64)
+    grid[:, :per_rank] = ordered
+    grid = grid.reshape(world * per_window, width)
+    starts = np.zeros_like(grid, dtype=bool)
+    count = np.zeros(len(grid), dtype=np.int64)
+    for t in range(width):
+        length = grid[:, t]
+        valid = length >= 0
+        new = valid & ((count == 0) | ((count + 1) * length > max_tokens))
+        starts[:, t] = new
+        count = np.where(new, 1, np.where(valid, count + 1, count))
+    return starts.reshape(world, per_window * width)[:, :per_rank]
+
+
+def _greedy_python(ordered: np.ndarray, width: int, max_tokens: int) -> np.ndarray:
+    """Few windows: walk the samples."""
+    starts = np.zeros(ordered.shape, dtype=bool)
+    for r, row in enumerate(ordered.tolist()):
+        count = 0
+        for t, length in enumerate(row):
+            if t % width == 0 or (count + 1) * length > max_tokens:
+                starts[r, t], count = True, 0
+            count += 1
+    return starts
+
+
+def _equalise(segments: list[tuple[int, int]], target: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Split the largest batches until there are `target`; repeat a sample only if none can be split (the
+    first sample of the first batch, as a batch of its own). Segments are [start, end) rows."""
+    segments, splits, repeats = list(segments), 0, 0
+    while len(segments) < target:
+        largest = max(range(len(segments)), key=lambda k: segments[k][1] - segments[k][0], default=None)
+        if largest is not None and segments[largest][1] - segments[largest][0] > 1:
+            a, b = segments[largest]
+            segments[largest : largest + 1] = [(a, a + (b - a) // 2), (a + (b - a) // 2, b)]
             splits += 1
         else:
-            batches.append([batches[len(batches) % len(batches)][0]])
+            first = segments[0][0]
+            segments.append((first, first + 1))
             repeats += 1
-    return batches, splits, repeats
+    return segments, splits, repeats
 
 
 def plan_epoch(
@@ -309,40 +610,9 @@ def plan_epoch(
 ) -> EpochPlan:
     if not 0 <= rank < world_size:
         raise PlanError(f"rank {rank} is outside world size {world_size}")
-    if (cfg.max_tokens or cfg.max_length) and any(r.lengths is None for r in refs):
-        missing = next(r.path for r in refs if r.lengths is None)
-        raise PlanError(
-            f"budget batching (max_tokens) and max_length need per-sample expanded lengths, which "
-            f"{missing}'s index lacks: rebuild the shards with `higgs-ds shards build --tokenizer MODEL`"
-        )
-    # data.shards may end in directories without shards; DataConfig checks the weights' count exactly
-    check_weights(cfg.weights, max(max((r.dataset for r in refs), default=-1) + 1, len(cfg.weights or ())))
-    check_clone_fraction(cfg.clone_references)
-    order, mix = epoch_order(refs, seed, epoch, cfg.weights)
-    limit = min(x for x in (cfg.max_tokens, cfg.max_length, 1 << 62) if x)
-    references, clone = choose_references(refs, order, cfg.clone_references, seed, epoch, limit)
-    length = _length_fn(refs, references)
-    kept = [p for p in order if refs[p[0]].lengths is None or length(p) <= limit]
-    dropped = [p for p in order if refs[p[0]].lengths is not None and length(p) > limit]
-    if len(kept) < world_size:
-        raise PlanError(f"the shards hold {len(kept)} usable samples, fewer than the {world_size} ranks")
-    every = [_rank_batches(kept, length, cfg, r, world_size, seed, epoch) for r in range(world_size)]
-    target = max(len(b) for b, _ in every)
-    batches, repeats = every[rank]
-    batches, splits, extra = _equalise(batches, target)
-    return EpochPlan(
-        batches=batches,
-        num_global=len(order),
-        num_repeated=repeats + extra,
-        num_dropped=len(dropped),
-        num_split=splits,
-        dropped=dropped,
-        references=references,
-        mix=mix,
-        clone=clone if cfg.clone_references else {},
-    )
+    return EpochLayout(refs, cfg, seed=seed, epoch=epoch, world_size=world_size).rank_plan(rank)
 
 
-def batches_for_worker(batches: list, worker: int, num_workers: int) -> list:
+def batches_for_worker(batches, worker: int, num_workers: int):
     """Worker `worker`'s share, in the round-robin order a DataLoader merges worker outputs in."""
     return batches[worker::num_workers]

@@ -1,0 +1,135 @@
+"""The array plan (higgs_ds.stream.plan) equals the list plan it replaced (tests/reference/plan_v1.py, the
+definition every earlier higgs-ds trained with) on randomized configurations: every rank's batches, the
+counts, what was dropped, every cloning reference, the mixing counts, the refusals."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from higgs_ds.stream import plan as new
+from higgs_ds.stream import pyrandom
+from tests.reference import plan_v1 as old
+
+
+def _shards(rng: random.Random, sized: bool):
+    """ShardRefs of both modules for the same random shard set (speakers, lengths, turn lengths)."""
+    sets = rng.randint(1, 3)
+    speakers = [f"spk{k}" for k in range(rng.randint(1, 6))]
+    specs = []
+    for s in range(rng.randint(1, 7)):
+        n = rng.choice([1, 2, 5, 13, 40, 90])
+        spk = [rng.choice(speakers + [None]) for _ in range(n)]
+        parts = [None if x is None else (rng.randint(4, 60), rng.randint(20, 300)) for x in spk]
+        lengths = [rng.randint(16, 360) if p is None else -(-sum(p) // 8) * 8 for p in parts]
+        specs.append((f"set{s % sets}/shard-{s}.tar", n, lengths if sized else None, s % sets, spk, parts))
+    olds = [old.ShardRef(p, n, tuple(l) if l else None, d, tuple(sp), tuple(pa)) for p, n, l, d, sp, pa in specs]
+    return olds, specs, sets
+
+
+def _as_arrays(specs):
+    """The same shards as higgs_ds.stream.reader gives them: int arrays, speaker ids per directory."""
+    tables: dict[int, dict] = {}
+    refs = []
+    for path, n, lengths, d, spk, parts in specs:
+        table = tables.setdefault(d, {})
+        ids = np.array([-1 if x is None else table.setdefault(x, len(table)) for x in spk], dtype=np.int32)
+        cp = np.array([(-1, -1) if p is None else p for p in parts], dtype=np.int32).reshape(-1, 2)
+        arr = np.asarray(lengths, dtype=np.int32) if lengths else None
+        refs.append(new.ShardRef(path, n, arr, dataset=d, speakers=ids, clone_parts=cp))
+    return refs
+
+
+def _config(rng: random.Random, sets: int, sized: bool):
+    budget = sized and rng.random() < 0.6
+    weights = None
+    if rng.random() < 0.5:
+        weights = tuple(rng.choice([0.0, 0.3, 0.5, 1.0, 1.0, 1.7, 2.0]) for _ in range(sets))
+        if not any(weights):
+            weights = (1.0,) + weights[1:]
+    return dict(
+        batch_size=rng.randint(1, 5),
+        max_tokens=rng.choice([400, 700, 1500]) if budget else None,
+        max_length=rng.choice([None, 250, 330]) if sized else None,
+        window=rng.choice([1, 2, 3, 7, 512]),
+        weights=weights,
+        clone_references=rng.choice([0.0, 0.0, 0.4, 1.0]),
+    )
+
+
+def _outcome(module, refs, cfg, seed, epoch, rank, world):
+    try:
+        plan = module.plan_epoch(refs, cfg, seed=seed, epoch=epoch, rank=rank, world_size=world)
+    except old.PlanError.__mro__[1] as err:  # UserError: the refusal must be the same, word for word
+        return ("refused", str(err))
+    return {
+        "batches": [list(b) for b in plan.batches],
+        "counts": (plan.num_global, plan.num_repeated, plan.num_dropped, plan.num_split),
+        "dropped": list(plan.dropped),
+        "references": dict(plan.references.items()),
+        "mix": plan.mix,
+        "clone": plan.clone,
+        "real": plan.real_position_fraction(refs),
+    }
+
+
+@pytest.mark.parametrize("case", range(160))
+def test_array_plan_equals_the_list_plan(case):
+    rng = random.Random(case)
+    sized = rng.random() < 0.8
+    olds, specs, sets = _shards(rng, sized)
+    settings = _config(rng, sets, sized)
+    world = rng.choice([1, 2, 3, 4, 8])
+    seed, epoch = rng.randint(0, 99), rng.randint(0, 3)
+    old_cfg = old.BatchingConfig(**settings)
+    new_cfg = new.BatchingConfig(**settings)
+    for rank in sorted({0, world - 1, rng.randrange(world)}):
+        want = _outcome(old, olds, old_cfg, seed, epoch, rank, world)
+        assert _outcome(new, olds, new_cfg, seed, epoch, rank, world) == want, (settings, world, rank)
+        assert _outcome(new, _as_arrays(specs), new_cfg, seed, epoch, rank, world) == want, (settings, rank)
+
+
+def test_the_random_cases_reach_every_branch():
+    """The cases above refuse some plans, drop, clone, split, repeat and pack by vector and by loop."""
+    seen = set()
+    for case in range(160):
+        rng = random.Random(case)
+        sized = rng.random() < 0.8
+        olds, _, sets = _shards(rng, sized)
+        settings = _config(rng, sets, sized)
+        world = rng.choice([1, 2, 3, 4, 8])
+        seed, epoch = rng.randint(0, 99), rng.randint(0, 3)
+        got = _outcome(old, olds, old.BatchingConfig(**settings), seed, epoch, world - 1, world)  # padded last
+        if isinstance(got, tuple):
+            seen.add("refused")
+            continue
+        seen |= {k for k, v in [("dropped", got["dropped"]), ("cloned", got["references"]), ("mixed", got["mix"]),
+                                ("split", got["counts"][3]), ("repeated", got["counts"][1])] if v}  # fmt: skip
+        if settings["max_tokens"]:
+            layout = new.EpochLayout(olds, new.BatchingConfig(**settings), seed=seed, epoch=epoch, world_size=world)
+            windows = world * -(-layout.per_rank // min(settings["window"], layout.per_rank))
+            seen.add("vector" if windows >= new._VECTOR_WINDOWS else "loop")
+    assert seen >= {"refused", "dropped", "cloned", "mixed", "split", "repeated", "vector", "loop"}, seen
+
+
+def test_cpython_streams_drawn_with_numpy_are_cpythons():
+    for key in ["0/0/clone/0", "7/3/clone/2", "x"]:
+        r = random.Random(key)
+        assert pyrandom.random_floats(key, 500).tolist() == [r.random() for _ in range(500)]
+        x = list(range(37))
+        random.Random(key).shuffle(x)
+        assert pyrandom.shuffled(key, range(37)).tolist() == x
+
+
+def test_preflight_totals_equal_the_sum_over_ranks():
+    rng = random.Random(5)
+    olds, _, sets = _shards(rng, True)
+    cfg = new.BatchingConfig(max_tokens=700, window=3, clone_references=0.5)
+    for world in (1, 3, 8):
+        layout = new.EpochLayout(olds, cfg, seed=1, epoch=0, world_size=world)
+        plans = [old.plan_epoch(olds, old.BatchingConfig(**vars(cfg)), seed=1, epoch=0, rank=r, world_size=world)
+                 for r in range(world)]  # fmt: skip
+        assert layout.total_repeated() == sum(p.num_repeated for p in plans)
+        assert layout.target == len(plans[0].batches)
