@@ -68,7 +68,7 @@ def run_in_env(family: str, args: list[str], timeout: float = 600, cwd: Path = R
     return proc
 
 
-# The SWIFT model type of this environment's family (registered by higgs_ds.train.swift.plugin).
+# The SWIFT model type of this environment's family (registered by higgs_ds.train.swift.register).
 SWIFT_MODEL_TYPE = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio"}[environment_family()]
 
 

@@ -96,7 +96,7 @@ def test_remote_code_is_impossible_in_the_process_whatever_the_caller_trusts(tmp
     from transformers.models.auto import tokenization_auto
 
     from higgs_ds.models.trust import RemoteCodeRefused
-    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  installs the guard, as both entry points do
+    from higgs_ds.train.swift import register  # noqa: F401  installs the guard, as both entry points do
 
     marker = tmp_path / "MARKER"
     model = hostile_model_dir(tmp_path, tiny_model_dir, marker)
@@ -188,7 +188,7 @@ def test_swift_model_resolution_refuses_hub_ids_with_exit_2(capsys):
     from swift.hub.hub import HFHub, MSHub
     from swift.model import model_meta
 
-    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401
+    from higgs_ds.train.swift import register  # noqa: F401  installs the guard
 
     for resolve in (
         lambda: model_meta.safe_snapshot_download("bosonai/higgs-audio-v2-generation-3B-base"),
@@ -255,7 +255,7 @@ def test_the_released_tiny_model_and_a_training_checkpoint_layout(tmp_path, tiny
 
 def test_swift_pipeline_user_errors_exit_2_with_one_line(capsys):
     from higgs_ds.errors import UserError
-    from higgs_ds.train.swift.plugin import _user_errors_exit
+    from higgs_ds.train.swift.cli_hooks import _user_errors_exit
 
     def step(self):
         raise UserError("--dataset /x has no index.json: build it")

@@ -98,7 +98,7 @@ def test_pickled_training_arguments_leave_credentials_out_and_copies_keep_them(t
 
 
 def test_a_swift_config_file_is_copied_with_credentials_redacted(tmp_path):
-    from higgs_ds.train.swift.plugin import _copy_config_redacted
+    from higgs_ds.train.swift.redact import _copy_config_redacted
 
     config = tmp_path / "sft.yaml"
     config.write_text(f"model: /m\nhub_token: {TOKEN}\nswanlab_secret: s3cr3t-value\nlearning_rate: 0.001\n")

@@ -70,7 +70,7 @@ def test_swift_template_loss_is_the_formula(small_shards, tiny_model_dir):
     from swift.template import get_template
 
     from higgs_ds.stream.loader import ShardStream
-    from higgs_ds.train.swift import plugin as swift_plugin  # noqa: F401  registers higgs_audio with ms-swift
+    from higgs_ds.train.swift import register  # noqa: F401  registers higgs_audio with ms-swift
 
     model, processor = get_model_processor(str(tiny_model_dir), model_type=SWIFT_MODEL_TYPE, torch_dtype="float32")
     template = get_template(processor, template_type="higgs_audio")
@@ -104,7 +104,7 @@ def _reference_logits(model, batch):
 
 def _swift_args(cfg) -> dict:
     """swift_argv(cfg) as {key: value, or a list for a flag given several values}."""
-    from higgs_ds.train.swift.plugin import swift_argv
+    from higgs_ds.train.swift.launch import swift_argv
 
     args, key = {}, None
     for item in swift_argv(cfg):

@@ -1,6 +1,6 @@
 """Model directories are data: nothing in one is ever executed, and nothing is downloaded.
 
-Two layers, used by `higgs-ds train` and by `swift sft --external_plugins higgs_ds/train/swift/plugin.py` (and
+Two layers, used by `higgs-ds train` and by `swift sft --external_plugins higgs_ds/swift_plugin.py` (and
 meant for anything else that loads a model directory: export, check-export, generate, preflight):
 
 - `forbid_remote_code()` replaces transformers' remote-code machinery (`transformers.dynamic_module_utils`)

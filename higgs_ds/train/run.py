@@ -129,15 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     path, rest = (argv[0], argv[1:]) if not argv[0].startswith("--") else (None, argv)
     try:
         cfg = resolve_config(path, rest)
-        from higgs_ds.train.swift import (
-            plugin as swift_plugin,  # heavy imports only once the config is known to be good
-        )
+        from higgs_ds.train.swift.launch import run_training  # heavy imports only once the config is good
 
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         if int(os.environ.get("RANK", "0")) == 0:
             # the resolved config, credentials redacted ([swift] hub_token and the like never reach a file)
             atomic_write_json(Path(cfg.output_dir) / "higgs_ds_config.json", redact(to_dict(cfg)))
-        swift_plugin.run_training(cfg)
+        run_training(cfg)
     except UserError as err:  # ConfigError included; one line and exit 2 on every rank that hits it
         return report(err)
     return 0
