@@ -118,9 +118,10 @@ def test_cpython_streams_drawn_with_numpy_are_cpythons():
     for key in ["0/0/clone/0", "7/3/clone/2", "x"]:
         r = random.Random(key)
         assert pyrandom.random_floats(key, 500).tolist() == [r.random() for _ in range(500)]
-        x = list(range(37))
-        random.Random(key).shuffle(x)
-        assert pyrandom.shuffled(key, range(37)).tolist() == x
+        for n in [0, 1, 2, 3, 4, 5, 7, 8, 9, 31, 32, 33, 100, 1000, 1024, 1025]:
+            x = list(range(100, 100 + n))
+            random.Random(key).shuffle(x)
+            assert pyrandom.shuffled(key, range(100, 100 + n)).tolist() == x
 
 
 def test_preflight_totals_equal_the_sum_over_ranks():

@@ -484,9 +484,8 @@ class EpochLayout:
         self.target = int(self.counts.max())
 
     def _block_all(self) -> np.ndarray:
-        q = np.arange(self.world * self.per_rank)
-        k = len(self.kept)
-        return self.kept[np.where(q < k, q, (q - k) % k)]
+        """Every rank's block, back to back: the kept order and its padding (fewer than `world` samples)."""
+        return np.concatenate([self.kept, self.kept[: self.world * self.per_rank - len(self.kept)]])
 
     def num_repeated(self, rank: int) -> int:
         return self.padding(rank) + max(0, self.target - self.per_rank)
@@ -548,9 +547,10 @@ def _pack_windows(lengths: np.ndarray, world: int, per_rank: int, window: int, m
     lengths = lengths.reshape(world, per_rank)
     width = min(window, per_rank)
     per_window = -(-per_rank // width)
-    within = np.arange(per_rank)
-    win = within // width
-    sort = np.lexsort((np.broadcast_to(within, lengths.shape), lengths, np.broadcast_to(win, lengths.shape)))
+    win = np.arange(per_rank) // width
+    # one stable sort per rank by (window, length): ties keep the block order, as Python's sorted does
+    key = win * (int(lengths.max(initial=0)) + 1) + lengths
+    sort = np.argsort(key, axis=1, kind="stable")
     ordered = np.take_along_axis(lengths, sort, axis=1)
     if world * per_window >= _VECTOR_WINDOWS:
         starts = _greedy_vector(ordered, per_window, width, max_tokens)
