@@ -183,7 +183,7 @@ def test_published_files_are_fsynced_before_the_rename(tmp_path, tiny_codec, mon
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "out"
     build_shards([str(manifest)], str(out), tiny_codec, BuildConfig(shard_samples=1), progress=False)
-    for name in ("shard-000000.tar", "shard-000001.tar", "index.json", "rejects.jsonl"):
+    for name in ("shard-000000.tar", "shard-000001.tar", "index.samples.npy", "index.json", "rejects.jsonl"):
         final = os.path.realpath(out / name)
         renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == final]
         assert len(renames) == 1, (name, events)

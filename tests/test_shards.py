@@ -15,7 +15,7 @@ from .conftest import SMALL_IDS, demo_lines, write_manifest
 
 def test_index_describes_the_shards(small_shards):
     index = load_index(small_shards)
-    assert index["schema_version"] == 1
+    assert index["schema_version"] == 2  # per-sample values in index.samples.npy (test_index_sidecar)
     assert index["num_samples"] == len(SMALL_IDS) == sum(s["num_samples"] for s in index["shards"])
     assert [s["num_samples"] for s in index["shards"]] == [3, 3, 2]
     codec = index["codec"]
@@ -150,6 +150,11 @@ def test_workers_slices_and_merge_give_the_single_process_result(
     assert summary["accepted"] == 8 and summary["slices"] == 3
     assert _members(sliced) == _members(small_shards)  # same keys, same samples, same codes, same order
     assert load_index(sliced)["num_samples"] == load_index(small_shards)["num_samples"]
+    assert json.loads((sliced / "index.slice-0000-of-0003.json").read_text())["shards"][0]["speakers"]  # lists
+    merged, whole = (np.load(d / "index.samples.npy", allow_pickle=False) for d in (sliced, small_shards))
+    for field in ("length", "speaker", "clone_parts"):  # the same samples in the same order (shards differ)
+        assert merged[field].tolist() == whole[field].tolist()
+    assert load_index(sliced)["speaker_table"] == load_index(small_shards)["speaker_table"]
 
 
 def test_merge_names_missing_slices(tmp_path, small_manifest):

@@ -43,6 +43,7 @@ from higgs_ds.shards.manifest import (
     iter_manifests,
     manifest_lines,
 )
+from higgs_ds.shards.sample_table import sidecar_name
 from higgs_ds.shards.writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
 
 
@@ -102,6 +103,7 @@ def _init_worker(codec_spec: str, device: str, tokenizer: str | None, threads: i
 
     torch.set_num_threads(threads)
     _WORKER["codec"] = codec or resolve_codec(codec_spec, device=device)
+    _WORKER.pop("tokenizer", None)  # a build without --tokenizer must not use an earlier build's in this process
     if tokenizer:
         from transformers import AutoTokenizer
 
@@ -527,7 +529,8 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
             f"{out} holds shards but no build journal ({journal_name}): they cannot be resumed; "
             "start a fresh build in another --out directory"
         )
-    _remove_stale_temps(out, pattern, [index_name, rejects_name, journal_name, f".{rejects_name}.building"])
+    own = [index_name, sidecar_name(index_name), rejects_name, journal_name, f".{rejects_name}.building"]
+    _remove_stale_temps(out, pattern, own)
 
     total = count_inputs(manifests)
     if total == 0:
@@ -664,7 +667,7 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
     if not shards and cfg.num_slices == 1:
         top = ", ".join(f"{n} x {kind}" for kind, n in counts["reasons"].most_common(3))
         raise BuildError(f"none of the {num_inputs} input lines was accepted ({top}); see {out / rejects_name}")
-    write_index(out / index_name, shards, codec.provenance, summary)
+    write_index(out / index_name, shards, codec.provenance, summary, sidecar=cfg.num_slices == 1)  # slices: merged
     journal.path.unlink(missing_ok=True)
     fsync_dir(out)
     if len(shards) < cfg.min_shards:

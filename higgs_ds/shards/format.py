@@ -35,7 +35,7 @@ import orjson
 from higgs_ds.errors import UserError
 from higgs_ds.shards.manifest import BadSample, audio_items
 from higgs_ds.shards.manifest import _check_chatml as check_chatml
-from higgs_ds.shards.writer import SCHEMA_VERSION
+from higgs_ds.shards.writer import READABLE_SCHEMAS, SCHEMA_LISTS, SCHEMA_VERSION
 
 REBUILD = "rebuild the shard with `higgs-ds shards build`"
 INDEX_FIX = (
@@ -43,6 +43,7 @@ INDEX_FIX = (
     "(`higgs-ds shards index` for a sliced build)"
 )
 MEMBER_TYPES = ("json", "codes.npy")
+PER_SAMPLE_KEYS = ("lengths", "speakers", "clone_parts")  # schema 1: per-shard lists in index.json
 BLOCK = 512
 CHUNK = 1 << 20
 # A sample is two members, each a 512-byte header and at least one 512-byte data block: the most samples
@@ -147,7 +148,7 @@ def _per_sample_problem(key: str, values, n: int) -> str | None:
     return None if ok else f"'{key}' holds a value of the wrong type"
 
 
-def _check_shard_entry(i: int, entry, bad) -> str:
+def _check_shard_entry(i: int, entry, bad, lists: bool) -> str:
     if not isinstance(entry, dict):
         raise bad(f"shards[{i}] is not an object")
     name = entry.get("file")
@@ -167,12 +168,37 @@ def _check_shard_entry(i: int, entry, bad) -> str:
         )
     if "audio_seconds" in entry and not _is_number(entry["audio_seconds"]):
         raise bad(f"{where}: 'audio_seconds' is {entry['audio_seconds']!r}, expected a non-negative number")
-    for key in ("lengths", "speakers", "clone_parts"):
+    for key in PER_SAMPLE_KEYS:
+        if key in entry and not lists:
+            raise bad(f"{where} lists '{key}': a schema-{SCHEMA_VERSION} index keeps them in its sidecar")
         if entry.get(key) is not None:
             problem = _per_sample_problem(key, entry[key], entry["num_samples"])
             if problem:
                 raise bad(f"{where} {problem}")
     return name
+
+
+def _check_sidecar_entries(index: dict, bad) -> None:
+    """A schema-2 index names its sidecar (a bare .npy name, its size, sha256 and rows) and a speaker table
+    of distinct strings; the sidecar's contents are checked when it is loaded (shards.sample_table)."""
+    desc = index.get("sample_table")
+    if not isinstance(desc, dict):
+        raise bad("'sample_table' (the per-sample sidecar) is missing or not an object")
+    name = desc.get("file")
+    if not isinstance(name, str) or not name.endswith(".npy") or bare_name_problem(name[:-4] + ".tar"):
+        raise bad(f"sample_table.file {name!r} is not a bare .npy file name inside the index's directory")
+    for key in ("bytes", "rows"):
+        if not _is_count(desc.get(key)):
+            raise bad(f"sample_table.{key} is {desc.get(key)!r}, expected a non-negative integer")
+    if not isinstance(desc.get("sha256"), str) or not _SHA256.fullmatch(desc["sha256"]):
+        raise bad(f"sample_table.sha256 is {desc.get('sha256')!r}, expected 64 lowercase hex digits")
+    if desc["rows"] != index.get("num_samples"):
+        raise bad(f"sample_table.rows is {desc['rows']}, num_samples {index.get('num_samples')!r}")
+    table = index.get("speaker_table")
+    if not isinstance(table, list) or not all(isinstance(s, str) for s in table):
+        raise bad("'speaker_table' is missing or not a list of strings")
+    if len(set(table)) != len(table):
+        raise bad("'speaker_table' lists a speaker twice")
 
 
 def validate_index(index, path) -> dict:
@@ -183,11 +209,12 @@ def validate_index(index, path) -> dict:
 
     if not isinstance(index, dict):
         raise bad(f"is a JSON {type(index).__name__}, not an object")
-    if index.get("schema_version") != SCHEMA_VERSION:
+    if index.get("schema_version") not in READABLE_SCHEMAS:
         raise ShardError(
-            f"{path} has schema {index.get('schema_version')!r}, this reader reads {SCHEMA_VERSION}; "
+            f"{path} has schema {index.get('schema_version')!r}, this reader reads {READABLE_SCHEMAS}; "
             "rebuild the shards with this version of higgs-ds"
         )
+    lists = index["schema_version"] == SCHEMA_LISTS
     _check_codec(index.get("codec"), bad)
     if not isinstance(index.get("shards"), list):
         raise bad("'shards' is missing or not a list")
@@ -195,13 +222,17 @@ def validate_index(index, path) -> dict:
         raise bad("'build' is not an object")
     names: set[str] = set()
     for i, entry in enumerate(index["shards"]):
-        name = _check_shard_entry(i, entry, bad)
+        name = _check_shard_entry(i, entry, bad, lists)
         if name in names:
             raise bad(f"shards[{i}].file {name!r} is listed twice")
         names.add(name)
     total = sum(entry["num_samples"] for entry in index["shards"])
     if index.get("num_samples") != total:
         raise bad(f"num_samples is {index.get('num_samples')!r}, its shards hold {total}")
+    if not lists:
+        _check_sidecar_entries(index, bad)
+    elif "sample_table" in index:
+        raise bad(f"names a 'sample_table', which a schema-{SCHEMA_LISTS} index does not have")
     return index
 
 

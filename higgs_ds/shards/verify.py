@@ -6,7 +6,8 @@ directory of the listed size (nothing else is opened: a fifo or /dev/zero is nev
 sample count, every tar header, and every sample decoded and checked as training does
 (shard_format.check_sample: fields and types, uint16 (num_codebooks, T) codes below the codebook size,
 T equal to its audio items' frames), plus each item's frames agreeing with its stored duration and, where
-the index has them, each sample's speaker and clone_parts (cloning references rely on them).
+the index has them, each sample's length, speaker and clone_parts as its index.samples.npy (or an old
+index's lists) records them (budget batching and cloning references rely on them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from higgs_ds.errors import UserError
 from higgs_ds.shards.format import REBUILD, shard_file_problem
-from higgs_ds.stream.reader import ShardError, load_index, read_shard
+from higgs_ds.shards.sample_table import NO_SPEAKER, NOT_PLAIN, UNSIZED, SampleTable
+from higgs_ds.stream.reader import ShardError, load_index, read_shard, sample_table
 from higgs_ds.stream.tokens import plain_tts, speaker_of
 
 
@@ -26,12 +28,13 @@ def verify_shards(shard_dir: str, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     index = load_index(shard_dir, check_files=False)  # a bad index is fatal; a missing shard is reported
+    table = sample_table(shard_dir, index)  # so is a bad sidecar: every shard's per-sample values are in it
     problems: dict[str, str] = {}
     checked = 0
-    for shard in tqdm(index["shards"], desc="verify", unit="shard", disable=not progress):
+    for k, shard in enumerate(tqdm(index["shards"], desc="verify", unit="shard", disable=not progress)):
         path = Path(shard_dir) / shard["file"]
         try:
-            checked += _verify_shard(shard_dir, shard, index["codec"])
+            checked += _verify_shard(shard_dir, shard, index["codec"], _IndexSamples(table, k))
         except UserError as err:
             problems[str(path)] = str(err).removeprefix(f"{path}: ").removeprefix(f"{path} ")
         except Exception as err:  # noqa: BLE001 - a shard no check foresaw is still reported, and the rest checked
@@ -39,7 +42,23 @@ def verify_shards(shard_dir: str, progress: bool = True) -> dict:
     return {"shards": len(index["shards"]), "samples_checked": checked, "bad_shards": problems}
 
 
-def _verify_shard(shard_dir: str, shard: dict, codec: dict) -> int:
+class _IndexSamples:
+    """What the index records about each sample of shard k, as the writer recorded it from the sample."""
+
+    def __init__(self, table: SampleTable, k: int):
+        self.names = table.speaker_names
+        self.lengths, self.speakers, self.parts = table.shard_fields(k)
+
+    def speaker(self, i: int) -> str | None:
+        sid = int(self.speakers[i])
+        return None if sid == NO_SPEAKER else self.names[sid]
+
+    def clone_parts(self, i: int) -> list | None:
+        head, pair = (int(p) for p in self.parts[i])
+        return None if (head, pair) == NOT_PLAIN else [None, None] if (head, pair) == UNSIZED else [head, pair]
+
+
+def _verify_shard(shard_dir: str, shard: dict, codec: dict, recorded: _IndexSamples) -> int:
     """Samples in the shard, or the ShardError of its first problem."""
     problem = shard_file_problem(shard_dir, shard)
     if problem:
@@ -47,7 +66,7 @@ def _verify_shard(shard_dir: str, shard: dict, codec: dict) -> int:
     count = 0
     for position, record in read_shard(str(Path(shard_dir) / shard["file"])):
         _check_durations(record, codec)
-        _check_index_entry(shard, position, record)
+        _check_index_entry(recorded, position, record)
         count += 1
     return count
 
@@ -62,21 +81,24 @@ def _check_durations(record: dict, codec: dict) -> None:
             )
 
 
-def _check_index_entry(shard: dict, i: int, record: dict) -> None:
-    """The index's per-sample speaker and clone_parts (when recorded) agree with the sample itself."""
+def _check_index_entry(recorded: _IndexSamples, i: int, record: dict) -> None:
+    """The index's per-sample length, speaker and clone_parts (where recorded) agree with the sample itself."""
     meta, sid = record["json"], record["json"]["id"]
-    if shard.get("speakers") is not None and shard["speakers"][i] != speaker_of(meta):
+    if recorded.lengths is not None and int(recorded.lengths[i]) != meta.get("expanded_length"):
         raise ShardError(
-            f"sample {sid!r}: index.json says speaker {shard['speakers'][i]!r}, the sample {speaker_of(meta)!r}"
+            f"sample {sid!r}: the index says length {int(recorded.lengths[i])}, the sample "
+            f"{meta.get('expanded_length')!r}"
         )
-    if shard.get("clone_parts") is None:
+    if recorded.speakers is not None and recorded.speaker(i) != speaker_of(meta):
+        said = recorded.speaker(i)
+        raise ShardError(f"sample {sid!r}: the index says speaker {said!r}, the sample {speaker_of(meta)!r}")
+    if recorded.parts is None:
         return
-    parts = shard["clone_parts"][i]
+    parts = recorded.clone_parts(i)
     if parts != (meta.get("clone_parts", [None, None]) if plain_tts(meta) else None):  # as the writer records it
-        raise ShardError(f"sample {sid!r}: index.json's clone_parts {parts} do not match the sample")
-    lengths = shard.get("lengths")
-    if parts and None not in parts and lengths is not None and -(-sum(parts) // 8) * 8 != lengths[i]:
-        raise ShardError(f"sample {sid!r}: clone_parts {parts} do not add up to its length {lengths[i]}")
+        raise ShardError(f"sample {sid!r}: the index's clone_parts {parts} do not match the sample")
+    if parts and None not in parts and recorded.lengths is not None and -(-sum(parts) // 8) * 8 != recorded.lengths[i]:
+        raise ShardError(f"sample {sid!r}: clone_parts {parts} do not add up to its length {int(recorded.lengths[i])}")
 
 
 def shard_stats(shard_dir: str, plot: str | None = None) -> dict:

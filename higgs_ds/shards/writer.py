@@ -1,6 +1,6 @@
 """Stage 4 of the data flow: encoded samples -> WebDataset tar shards + index.json.
 
-On-disk layout of a shard directory (schema 1):
+On-disk layout of a shard directory (schema 2):
 
     DIR/shard-000000.tar      WebDataset tar; per sample two members with the same key (the sample's
                               9-digit ordinal in the build's whole input):
@@ -11,13 +11,15 @@ On-disk layout of a shard directory (schema 1):
         KEY.codes.npy         uint16 (num_codebooks, sum of frames): every audio item's codes, concatenated
                               in order of appearance (numpy .npy with a plain dtype: no pickle)
     DIR/index.json            schema version, codec provenance, per-shard file/count/bytes/sha256/seconds,
-                              target-frame and expanded-length statistics, per-sample "lengths" (with
-                              --tokenizer), "speakers" and "clone_parts" (see epoch_plan.ShardRef), and
-                              the build summary
+                              target-frame and expanded-length statistics, the speaker table, the
+                              sidecar's name/bytes/sha256 ("sample_table"), and the build summary
+    DIR/index.samples.npy     per sample: shard, expanded length, speaker id, clone_parts (one structured
+                              numpy array, see shards.sample_table; what the epoch plan reads)
     DIR/rejects.jsonl         every input line that was not written, with its reason
 
 A job-array build (--slice I/N) names its shards shard-IIII-NNNNNN.tar and writes index.slice-*.json and
-rejects.slice-*.jsonl until `higgs-ds shards index` merges them. Tar members get fixed metadata (mtime 0,
+rejects.slice-*.jsonl until `higgs-ds shards index` merges them (a slice index keeps the per-sample lists
+in its JSON, schema 1: it is read once, by the merge). Tar members get fixed metadata (mtime 0,
 fixed owner and mode), so the same input gives the same bytes. Shards are written under a temporary name
 that no other process picks (safe_io.temp_path), fsynced, and renamed when complete (safe_io.publish), so a
 shard that exists is complete and durable; index.json is written the same way (safe_io.atomic_write_json).
@@ -36,9 +38,12 @@ from higgs_ds.safe_io import atomic_write_json, publish, temp_path
 from higgs_ds.shards.codec import sha256_file
 from higgs_ds.stream.tokens import plain_tts, speaker_of
 
-# "speakers" and "clone_parts" were added to schema 1 as optional per-shard lists: an index written before
-# them is still read (without them, cloning references are refused with a message to rebuild)
-SCHEMA_VERSION = 1
+# Schema 1: per-shard lists "lengths", "speakers" and "clone_parts" in index.json ("speakers" and
+# "clone_parts" optional: an index written before them is still read, and cloning references refused).
+# Schema 2: the per-sample values in the sidecar index.samples.npy. Both are read.
+SCHEMA_VERSION = 2
+SCHEMA_LISTS = 1
+READABLE_SCHEMAS = (SCHEMA_LISTS, SCHEMA_VERSION)
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 
@@ -149,9 +154,14 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
-def write_index(path: str | os.PathLike, shards: list[dict], codec_provenance: dict, summary: dict) -> Path:
+def write_index(
+    path: str | os.PathLike, shards: list[dict], codec_provenance: dict, summary: dict, sidecar: bool = True
+) -> Path:
+    """index.json from the writer's shard entries (with their per-sample lists): with `sidecar`, the lists go
+    to index.samples.npy (written first) and the speaker table into the index; else they stay (schema 1)."""
+    path = Path(path)
     index = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if sidecar else SCHEMA_LISTS,
         "format": "higgs-ds webdataset shards",
         "codec": codec_provenance,
         "num_samples": sum(s["num_samples"] for s in shards),
@@ -159,5 +169,10 @@ def write_index(path: str | os.PathLike, shards: list[dict], codec_provenance: d
         "shards": shards,
         "build": summary,
     }
+    if sidecar:
+        from higgs_ds.shards.sample_table import write_sample_table
+
+        table, speakers, index["shards"] = write_sample_table(path.parent, path.name, shards)
+        index.update(sample_table=table, speaker_table=speakers)
     write_json_atomic(path, index)
-    return Path(path)
+    return path

@@ -37,10 +37,20 @@ from higgs_ds.shards.format import (
     scan_tar,
     shard_file_problem,
 )
+from higgs_ds.shards.sample_table import SampleTable, load_sample_table, sidecar_problem
 from higgs_ds.shards.writer import INDEX_NAME
 from higgs_ds.stream.plan import ShardRef
 
-__all__ = ["MEMBER_TYPES", "ShardError", "load_index", "member_table", "read_positions", "read_shard", "shard_refs"]
+__all__ = [
+    "MEMBER_TYPES",
+    "ShardError",
+    "load_index",
+    "member_table",
+    "read_positions",
+    "read_shard",
+    "sample_table",
+    "shard_refs",
+]
 
 
 def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
@@ -62,7 +72,17 @@ def load_index(shard_dir: str | Path, check_files: bool = True) -> dict:
             problem = empty_shard_problem(Path(shard_dir) / entry["file"])
         if problem:
             raise ShardError(f"shard {Path(shard_dir) / entry['file']} {problem}")
+    problem = sidecar_problem(shard_dir, index) if check_files else None
+    if problem:
+        raise ShardError(problem)
     return index
+
+
+def sample_table(shard_dir: str | Path, index: dict | None = None) -> SampleTable:
+    """The per-sample rows of `shard_dir` (lengths, speaker ids, clone_parts): its index.samples.npy, hashed
+    and checked once per process, or an old index's per-shard lists. `index`: its load_index, if at hand."""
+    index = load_index(shard_dir, check_files=False) if index is None else index
+    return load_sample_table(shard_dir, index, Path(shard_dir) / INDEX_NAME)
 
 
 # directory -> (index.json's stat signature, {file name: (ShardSpec, SampleLimits)}): what each shard's
@@ -121,23 +141,28 @@ def codec_mismatches(index: dict, geometry, shard_dir: str) -> list[str]:
 
 
 def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
-    """Every shard of every directory, in order; `dataset` is the directory's place in `shard_dirs`."""
+    """Every shard of every directory, in order; `dataset` is the directory's place in `shard_dirs`.
+    Per-sample fields are int32 numpy arrays (views of the directory's sample table; see
+    shards.sample_table for the values): lengths (n,), speaker ids (n,) (-1: none; one id per speaker
+    string within a directory), clone_parts (n, 2) ((-1, -1): not plain TTS, (-2, -2): no --tokenizer);
+    each None where the index does not record it."""
     refs = []
     for d, shard_dir in enumerate(shard_dirs):
         signature = _index_signature(str(Path(shard_dir)))
         index = load_index(shard_dir)
         if signature is not None:  # the workers forked later find what each shard must be without re-reading
             _remember(str(Path(shard_dir)), signature, index)
-        for s in index["shards"]:
-            lengths, speakers, parts = s.get("lengths"), s.get("speakers"), s.get("clone_parts")
+        table = sample_table(shard_dir, index)
+        for k, s in enumerate(index["shards"]):
+            lengths, speakers, parts = table.shard_fields(k)
             refs.append(
                 ShardRef(
                     str(Path(shard_dir) / s["file"]),
                     s["num_samples"],
-                    tuple(lengths) if lengths else None,
+                    lengths,
                     dataset=d,
-                    speakers=tuple(speakers) if speakers is not None else None,
-                    clone_parts=tuple(tuple(p) if p else None for p in parts) if parts is not None else None,
+                    speakers=speakers,
+                    clone_parts=parts,
                 )
             )
     return refs

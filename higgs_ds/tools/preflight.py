@@ -353,8 +353,9 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float | None =
 
 
 def _plan(cfg, refs, plans, world, sizes, zero, parts, kept, per_gpu, memory_gb, memory_source) -> dict:
-    lengths = [n for r in refs for n in (r.lengths or ())]
-    mean_len = sum(lengths) / len(lengths) if lengths else None
+    lengths = [r.lengths for r in refs if r.lengths is not None]  # int32 arrays (reader.shard_refs)
+    counted = sum(len(n) for n in lengths)
+    mean_len = sum(int(n.sum(dtype="int64")) for n in lengths) / counted if counted else None
     per_step = [len(b) for b in plans[0].batches]
     batches = len(plans[0].batches)
     samples_per_step = sum(per_step) / len(per_step) * world * cfg.grad_accum
