@@ -497,3 +497,36 @@ def test_accumulation_windows_stay_whole_across_epoch_ends(tmp_path, small_shard
     for step, micro_batches in ((2, 6), (4, 12)):  # 4 micro-batches per epoch on each rank
         state = json.loads((out / f"checkpoint-{step}" / "data_state_rank0.json").read_text())
         assert (state["epoch"], state["batches_done"]) == divmod(micro_batches, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.native_env  # the native class through SWIFT (ZeRO-3 without checkpointing: the both_envs run above)
+def test_two_rank_zero2_with_activation_checkpointing_trains_the_native_model(tmp_path, small_shards, tiny_model_dir):
+    out = tmp_path / "zero2"
+    log = torchrun_train(
+        out,
+        tiny_model_dir,
+        small_shards,
+        *("--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--activation_checkpointing", "true"),
+        *("--max_steps", "6", "--save_steps", "6", "--data.batch_size", "2", "--save_probe", "false"),
+        port=31500 + os.getpid() % 1000,
+    )
+    assert "[higgs-ds] step 6/6" in log
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert f"activation checkpointing: {layers} of {layers} decoder layers" in log  # read back from the model
+    step = out / "checkpoint-6" / "global_step6"
+    # ZeRO-2: the whole module in one model-states file (ZeRO-3 writes one partition per rank), the fp32 master
+    # weights and Adam state split over the 2 ranks
+    assert (step / "mp_rank_00_model_states.pt").is_file() and not list(step.glob("zero_pp_rank_*_model_states.pt"))
+    flat = [
+        torch.load(step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+        for r in (0, 1)
+    ]
+    held = sum(g.numel() for f in flat for g in f["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    total = sum(p.numel() for p in load_tiny(tiny_model_dir)[2].parameters())
+    assert total <= held < total + 2 * 64  # each flat group padded to a multiple of the ranks' alignment
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    history = [h for h in history if "audio_loss" in h]
+    assert len(history) == 6 and all(math.isfinite(h["loss"]) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"], (history[0], history[-1])

@@ -15,6 +15,7 @@ from swift.model import ModelGroup, ModelLoader, ModelMeta, register_model
 from swift.template import register_template
 from swift.template.templates.llama import Llama3TemplateMeta
 from swift.trainers import TrainerFactory
+from swift.utils import get_logger
 from transformers import AutoTokenizer
 
 from higgs_ds.errors import UserError, exit_on_user_error
@@ -30,6 +31,7 @@ if environment_family() == BOSON:
 
 # Before SWIFT loads anything: no config, tokenizer or model may run code of its own (see higgs_ds.models.trust).
 forbid_remote_code()
+logger = get_logger()
 # SWIFT model types, one per family (the family of --model must match: see HiggsAudioLoader); one template.
 MODEL_TYPES = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio"}
 TEMPLATE_TYPE = "higgs_audio"
@@ -69,6 +71,9 @@ class HiggsAudioLoader(ModelLoader):
             patch_for_training(model, activation_checkpointing=self.activation_checkpointing)
         elif self.activation_checkpointing:  # the native class supports HF's own switch
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layers = model.model.layers
+            on = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+            logger.info(f"activation checkpointing: {on} of {len(layers)} decoder layers recompute in backward")
         return model
 
 
