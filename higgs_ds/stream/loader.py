@@ -233,10 +233,15 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def shard_set_fingerprint(index: dict) -> dict:
     """One shard directory as the plan sees it: the sha256 of its index's per-shard entries (file names,
-    counts, sizes, sha256, lengths, speakers, clone_parts; not the build's timings or paths), and its shard
+    counts, sizes, sha256; lengths, speakers, clone_parts, or in schema 2 the sidecar's sha256 and the
+    speaker table; not the build's timings or paths), and its shard
     and sample counts, kept readable for the message when they differ. A moved directory keeps it."""
     shards = index["shards"]
-    canonical = json.dumps(shards, sort_keys=True, separators=(",", ":")).encode()
+    # schema 2 keeps lengths, speakers and clone parts in the sidecar: its sha256 stands for them
+    content = shards
+    if "sample_table" in index:
+        content = [shards, {"sidecar_sha256": index["sample_table"]["sha256"], "speakers": index["speaker_table"]}]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     return {
         "shards": len(shards),
         "samples": sum(s["num_samples"] for s in shards),

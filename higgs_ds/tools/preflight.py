@@ -35,7 +35,7 @@ from higgs_ds.errors import CheckFailed, UserError
 from higgs_ds.models.interface import geometry
 from higgs_ds.shards.codec import sha256_file
 from higgs_ds.shards.format import shard_file_problem
-from higgs_ds.stream.plan import plan_epoch
+from higgs_ds.stream.plan import EpochLayout
 from higgs_ds.stream.reader import codec_mismatches, load_index, shard_refs
 
 # Fraction of a GPU the model states may take: the rest is for activations, buffers and fragmentation.
@@ -316,14 +316,13 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float | None =
 
     refs = shard_refs(cfg.data.shards)
     try:
-        plans = [
-            plan_epoch(refs, cfg.data.batching(), seed=cfg.data.seed, epoch=0, rank=r, world_size=world)
-            for r in range(world)
-        ]
+        # the all-ranks part once (equal batch counts, repeats), then rank 0's batches: O(samples + ranks)
+        layout = EpochLayout(refs, cfg.data.batching(), seed=cfg.data.seed, epoch=0, world_size=world)
+        first = layout.rank_plan(0)
     except UserError as err:
         report.wrong(str(err))
         return report
-    batches = len(plans[0].batches)
+    batches = len(first.batches)
     workers = max(cfg.data.num_workers, 1)
     if batches < workers:
         report.fail(
@@ -347,17 +346,17 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float | None =
             f"over {MODEL_STATES_SHARE:.0%} of {memory_gb:g} GB ({memory_source}): use ds_configs/zero3.json, "
             'more GPUs, ds_configs/zero3_offload.json, or tuner = "lora"'
         )
-    report.plan = _plan(cfg, refs, plans, world, sizes, zero, parts, kept, per_gpu, memory_gb, memory_source)
+    report.plan = _plan(cfg, refs, layout, first, world, sizes, zero, parts, kept, per_gpu, memory_gb, memory_source)
     report.plan["dtype_assumed"] = dtype_used
     return report
 
 
-def _plan(cfg, refs, plans, world, sizes, zero, parts, kept, per_gpu, memory_gb, memory_source) -> dict:
+def _plan(cfg, refs, layout, first, world, sizes, zero, parts, kept, per_gpu, memory_gb, memory_source) -> dict:
     lengths = [r.lengths for r in refs if r.lengths is not None]  # int32 arrays (reader.shard_refs)
     counted = sum(len(n) for n in lengths)
     mean_len = sum(int(n.sum(dtype="int64")) for n in lengths) / counted if counted else None
-    per_step = [len(b) for b in plans[0].batches]
-    batches = len(plans[0].batches)
+    per_step = first.batches.sizes().tolist()
+    batches = len(first.batches)
     samples_per_step = sum(per_step) / len(per_step) * world * cfg.grad_accum
     one_checkpoint = sum(parts.values())
     return {
@@ -367,8 +366,8 @@ def _plan(cfg, refs, plans, world, sizes, zero, parts, kept, per_gpu, memory_gb,
         "optimizer_steps_per_epoch": -(-batches // cfg.grad_accum),
         "samples_per_optimizer_step": round(samples_per_step, 1),
         "expanded_positions_per_optimizer_step": round(samples_per_step * mean_len) if mean_len else None,
-        "samples_repeated_per_epoch": sum(p.num_repeated for p in plans),
-        "samples_dropped_per_epoch": plans[0].num_dropped,
+        "samples_repeated_per_epoch": layout.total_repeated(),
+        "samples_dropped_per_epoch": first.num_dropped,
         "parameters": sizes.parameters,
         "trainable_parameters": sizes.trainable,
         "zero_stage": zero.stage if zero.deepspeed else None,
