@@ -5,7 +5,7 @@ import pytest
 
 from higgs_ds.stream.loader import DataConfig, ShardStream, build_dataloader
 from higgs_ds.stream.plan import BatchingConfig, PlanError, ShardRef, clone_length, plan_epoch
-from higgs_ds.stream.reader import load_index, read_shard, shard_refs
+from higgs_ds.stream.reader import load_index, read_shard, sample_table, shard_refs
 from higgs_ds.stream.tokens import chatml_tokens, clone_chatml, expanded_length
 
 PLAIN = {"alice_001", "alice_004", "bob_002", "bob_016", "carol_003", "carol_009"}  # small_shards' plain TTS
@@ -36,14 +36,16 @@ def test_index_records_each_samples_speaker_and_turn_lengths(small_shards, recor
     from higgs_ds.shards.verify import verify_shards
 
     seen = []
-    for shard in load_index(small_shards)["shards"]:
-        assert len(shard["speakers"]) == len(shard["clone_parts"]) == len(shard["lengths"]) == shard["num_samples"]
-        for position, record in read_shard(str(small_shards / shard["file"])):
-            meta, parts = record["json"], shard["clone_parts"][position]
-            assert shard["speakers"][position] == meta["speaker"]
-            assert (parts is not None) == (meta["id"] in PLAIN)  # manifest cloning samples are not plain TTS
-            if parts:  # head + pair, rounded, is the sample's own expanded length
-                assert -(-sum(parts) // 8) * 8 == shard["lengths"][position] == meta["expanded_length"]
+    speaker_names = sample_table(small_shards).speaker_names
+    for ref in shard_refs([str(small_shards)]):
+        assert len(ref.speakers) == len(ref.clone_parts) == len(ref.lengths) == ref.num_samples
+        for position, record in read_shard(ref.path):
+            meta, parts = record["json"], ref.clone_parts[position].tolist()
+            speaker = int(ref.speakers[position])
+            assert (speaker_names[speaker] if speaker >= 0 else None) == meta["speaker"]
+            assert (parts != [-1, -1]) == (meta["id"] in PLAIN)  # manifest cloning samples are not plain TTS
+            if parts[0] >= 0:  # head + pair, rounded, is the sample's own expanded length
+                assert -(-sum(parts) // 8) * 8 == ref.lengths[position] == meta["expanded_length"]
             seen.append(meta["id"])
     assert sorted(seen) == sorted(records)
     assert verify_shards(str(small_shards), progress=False)["bad_shards"] == {}
@@ -118,7 +120,7 @@ def test_budget_plan_and_length_limit_use_the_assembled_length(small_shards):
     plain = plan_epoch(refs, BatchingConfig(max_tokens=400), seed=1, epoch=0, rank=0, world_size=1)
     assert plan.real_position_fraction(refs) is not None and len(plan.batches) > len(plain.batches)
     # a limit between the plain and the assembled lengths keeps every sample, plain, and counts them
-    plain_lengths = [n for r in refs for n, parts in zip(r.lengths, r.clone_parts) if parts]
+    plain_lengths = [n for r in refs for n, parts in zip(r.lengths, r.clone_parts) if parts[0] >= 0]  # plain TTS
     shortest_clone = min(clone_length(refs, p, r) for p, r in plan.references.items())
     assert max(plain_lengths) < shortest_clone
     tight = BatchingConfig(batch_size=2, max_length=max(plain_lengths), clone_references=1.0)

@@ -8,6 +8,8 @@
   worker's own error reaches the rank as one line.
 """
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -76,14 +79,26 @@ def test_a_resume_with_other_batch_settings_is_refused_naming_them(tok_config, s
     assert WHAT_TO_DO in str(err.value)
 
 
+def _drop_last_shard(shard_dir: Path) -> None:
+    """Edit the set into a consistent one shard shorter: index.json and its sidecar's rows, size and sha256."""
+    index = json.loads((shard_dir / "index.json").read_text())
+    dropped = index["shards"].pop()
+    index["num_samples"] -= dropped["num_samples"]
+    desc = index["sample_table"]
+    rows = np.load(shard_dir / desc["file"], allow_pickle=False)[: index["num_samples"]]
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    data = buf.getvalue()
+    (shard_dir / desc["file"]).write_bytes(data)
+    desc.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=len(rows))
+    (shard_dir / "index.json").write_text(json.dumps(index))
+
+
 @pytest.mark.timeout(300)
 def test_a_resume_on_other_shards_is_refused_naming_the_directory(tok_config, shards):
     """The same folder, its index now listing one shard less (a rebuilt or edited set): batch k is other samples."""
     state = _state_after(_loader(tok_config, shards), 1)
-    index = json.loads((shards / "index.json").read_text())
-    dropped = index["shards"].pop()
-    index["num_samples"] -= dropped["num_samples"]
-    (shards / "index.json").write_text(json.dumps(index))
+    _drop_last_shard(shards)
     with pytest.raises(PlanError) as err:
         _loader(tok_config, shards).load_state_dict(state)
     message = str(err.value)
