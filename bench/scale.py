@@ -132,8 +132,13 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr)
     out = {
         "machine": machine(),
-        "settings": {"samples_per_shard": PER_SHARD, "max_tokens": 8192, "max_length": 2048, "window": 512,
-                     "old_limit_s": args.old_limit},  # fmt: skip
+        "settings": {
+            "samples_per_shard": PER_SHARD,
+            "max_tokens": 8192,
+            "max_length": 2048,
+            "window": 512,
+            "old_limit_s": args.old_limit,
+        },  # fmt: skip
         "rows": rows,
         "notes": "seconds: wall time of planning alone (index built before the clock); peak_rss_mb: the "
         "process's peak RSS including the synthetic index; old = tests/reference/plan_v1.py, the list plan "

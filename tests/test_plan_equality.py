@@ -25,7 +25,7 @@ def _shards(rng: random.Random, sized: bool):
         parts = [None if x is None else (rng.randint(4, 60), rng.randint(20, 300)) for x in spk]
         lengths = [rng.randint(16, 360) if p is None else -(-sum(p) // 8) * 8 for p in parts]
         specs.append((f"set{s % sets}/shard-{s}.tar", n, lengths if sized else None, s % sets, spk, parts))
-    olds = [old.ShardRef(p, n, tuple(l) if l else None, d, tuple(sp), tuple(pa)) for p, n, l, d, sp, pa in specs]
+    olds = [old.ShardRef(p, n, tuple(ln) if ln else None, d, tuple(sp), tuple(pa)) for p, n, ln, d, sp, pa in specs]
     return olds, specs, sets
 
 

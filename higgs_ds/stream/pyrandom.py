@@ -3,10 +3,11 @@
 The epoch plan is defined by `random.Random(key)` streams (shuffles of each shard, the cloning draws), so a
 plan computed today equals one computed by any earlier higgs-ds. Shuffles stay CPython's algorithm in
 Python, tightened (0.22 us per element against random.shuffle's 0.42; a numpy version, one vector step per
-position across many streams, measured 0.37 us: the rejection sampling is sequential within a stream). The cloning draws are
-plain `random()` values, two 32-bit outputs each with no rejection, so millions of them come from numpy's
-MT19937 in the state CPython's string seeding leaves (taken from `getstate`, not re-implemented):
-`random()` = ((a >> 5) * 2**26 + (b >> 6)) / 2**53. tests/test_pyrandom.py checks both against CPython.
+position across many streams, measured 0.37 us: the rejection sampling is sequential within a stream).
+The cloning draws are plain `random()` values, two 32-bit outputs each with no
+rejection, so millions of them come from numpy's MT19937 in the state CPython's string seeding leaves
+(taken from `getstate`, not re-implemented): `random()` = ((a >> 5) * 2**26 + (b >> 6)) / 2**53.
+tests/test_plan_equality.py checks both against CPython.
 """
 
 from __future__ import annotations
