@@ -249,7 +249,10 @@ def test_logits_equal_the_models_own_forward(model, tokenizer, ids):
         text, audio = native_logits(model, batch)
         full = model(**inputs, use_cache=False).logits  # (B, S, K * 1026)
         hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    assert torch.equal(audio, full[batch["audio_out_mask"]].view(-1, 8, 1026).float())
+    # the head on the audio-out rows only is another GEMM shape than on every row: BLAS may block it
+    # differently and change the last bit (measured 1.8e-7 on logits up to 0.73 on one CPU, 0 on another)
+    want = full[batch["audio_out_mask"]].view(-1, 8, 1026).float()
+    torch.testing.assert_close(audio, want, atol=1e-6, rtol=0)
     assert torch.equal(text, model.text_lm_head(hidden))
     assert tuple(text.shape) == (*batch["input_ids"].shape, 288)
 
