@@ -75,14 +75,20 @@ def _outcome(module, refs, cfg, seed, epoch, rank, world):
     }
 
 
-@pytest.mark.parametrize("case", range(160))
-def test_array_plan_equals_the_list_plan(case):
+def _case(case: int):
+    """Random case number `case`: shards (both forms), batching settings, world size, seed, epoch, rng."""
     rng = random.Random(case)
     sized = rng.random() < 0.8
     olds, specs, sets = _shards(rng, sized)
     settings = _config(rng, sets, sized)
     world = rng.choice([1, 2, 3, 4, 8])
     seed, epoch = rng.randint(0, 99), rng.randint(0, 3)
+    return olds, specs, settings, world, seed, epoch, rng
+
+
+@pytest.mark.parametrize("case", range(160))
+def test_array_plan_equals_the_list_plan(case):
+    olds, specs, settings, world, seed, epoch, rng = _case(case)
     old_cfg = old.BatchingConfig(**settings)
     new_cfg = new.BatchingConfig(**settings)
     for rank in sorted({0, world - 1, rng.randrange(world)}):
@@ -95,12 +101,7 @@ def test_the_random_cases_reach_every_branch():
     """The cases above refuse some plans, drop, clone, split, repeat and pack by vector and by loop."""
     seen = set()
     for case in range(160):
-        rng = random.Random(case)
-        sized = rng.random() < 0.8
-        olds, _, sets = _shards(rng, sized)
-        settings = _config(rng, sets, sized)
-        world = rng.choice([1, 2, 3, 4, 8])
-        seed, epoch = rng.randint(0, 99), rng.randint(0, 3)
+        olds, _, settings, world, seed, epoch, _ = _case(case)
         got = _outcome(old, olds, old.BatchingConfig(**settings), seed, epoch, world - 1, world)  # padded last
         if isinstance(got, tuple):
             seen.add("refused")
