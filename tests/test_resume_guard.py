@@ -1,7 +1,7 @@
 """Resuming only what fits, and a rank that never waits forever (issue #10, findings 3, 6 and 7, training side):
 
 - a saved data position is refused when the epoch plan it was taken in differs from this run's (batch
-  settings, shards, seed, world size), with what changed; the same shards in a moved folder still resume;
+  settings, shards, seed), with what changed; on another number of ranks it continues the epoch; the same shards in a moved folder still resume;
 - a checkpoint with a torn or garbage trainer_state.json / data state is not complete, and the newest one
   whose files parse is resumed; a data state is written with fsync before its rename;
 - a dataloader worker stuck on a shard fails the rank after data.loader_timeout, naming the shard, and a
@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +108,31 @@ def test_a_resume_on_other_shards_is_refused_naming_the_directory(tok_config, sh
 
 
 @pytest.mark.timeout(300)
-def test_a_resume_on_another_number_of_ranks_is_still_refused(tok_config, shards):
-    state = _state_after(_loader(tok_config, shards), 1)
-    with pytest.raises(PlanError, match=r"world size: saved 2 ranks, now 1 .*same number of ranks"):
-        _loader(tok_config, shards, world_size=1).load_state_dict(state)
+@pytest.mark.parametrize("new_world", [1, 4])
+def test_a_resume_on_another_number_of_ranks_reads_exactly_the_rest_of_the_epoch(tok_config, shards, new_world):
+    """2 ranks take 1 batch each (8 samples, 4 batches per rank), a run on 1 or 4 ranks takes the rest: every
+    sample of the epoch exactly once, plus the repeats the resumed plan counts (4 ranks: 6 single-sample
+    batches left, none can be split, so 2 repeated to give each rank 2)."""
+    whole = Counter(i for r in range(2) for b in _loader(tok_config, shards, rank=r) for i in b["sample_ids"])
+    states, before = [], Counter()
+    for r in range(2):
+        loader = _loader(tok_config, shards, rank=r)
+        it = iter(loader)
+        before.update(next(it)["sample_ids"])
+        states.append(json.loads(json.dumps(loader.state_dict())))
+        del it
+    assert states[0]["segments"] == [[2, 1]] == states[1]["segments"]
+    after, counts, counted = Counter(), set(), 0
+    for r in range(new_world):
+        resumed = _loader(tok_config, shards, rank=r, world_size=new_world)
+        resumed.load_state_dict(states[0])  # the global position: any saved rank's
+        counted += resumed.dataset.plan().num_repeated  # before the pass: after it the next epoch is planned
+        batches = [b["sample_ids"] for b in resumed]
+        counts.add(len(batches))
+        after.update(i for b in batches for i in b)
+    assert counts == {6 // new_world + (new_world == 4)}, "every rank takes as many batches"
+    assert not whole - (before + after), "no sample of the epoch is skipped"
+    assert sum((before + after - whole).values()) == counted == {1: 0, 4: 2}[new_world]
 
 
 @pytest.mark.timeout(300)
@@ -142,7 +164,7 @@ def test_a_position_saved_without_a_plan_fingerprint_resumes_with_a_warning(tok_
 
 @pytest.mark.timeout(300)
 def test_a_position_past_the_end_of_the_epoch_is_refused(tok_config, shards):
-    state = _state_after(_loader(tok_config, shards), 1) | {"batches_done": 1000}
+    state = _state_after(_loader(tok_config, shards), 1) | {"batches_done": 1000, "segments": [[2, 1000]]}
     with pytest.raises(PlanError, match="1000 batches done in epoch 0, but the epoch has 4"):
         _loader(tok_config, shards).load_state_dict(state)
 

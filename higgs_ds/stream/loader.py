@@ -14,9 +14,10 @@ dispatcher.
 Two guards keep a rank from training on something it was not meant to, or from waiting forever:
 
 * the data position saved in a checkpoint carries a fingerprint of everything the epoch plan is computed
-  from (each shard directory's index entries, the batching settings, seed and world size); a resume whose
-  plan would differ is refused with what changed (`load_state_dict`), since batch k of another plan is
-  other samples;
+  from (each shard directory's index entries, the batching settings, seed); a resume whose plan would
+  differ is refused with what changed (`load_state_dict`), since batch k of another plan is other samples.
+  The position is global (how many micro-batches each of how many ranks took, higgs_ds.stream.elastic), so
+  a resume on another number of ranks continues the same epoch with the batches not yet taken;
 * with workers, the rank waits at most `data.loader_timeout` seconds for its next micro-batch, then fails
   naming the shards that batch reads; a UserError raised inside a worker (a bad shard) reaches the rank as
   the same one-line error, not wrapped in the worker's traceback.
@@ -36,8 +37,10 @@ from dataclasses import dataclass, field
 import torch
 
 from higgs_ds.errors import UserError
+from higgs_ds.stream.elastic import resumed_plan
 from higgs_ds.stream.plan import (
     BatchingConfig,
+    EpochLayout,
     PlanError,
     batches_for_worker,
     check_clone_fraction,
@@ -124,7 +127,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.vocab_size = len(tokenizer)
         self.shard_sets = [shard_set_fingerprint(index) for index in indexes]
         self.epoch, self.start_batch = 0, 0
-        self._plan = None  # (epoch, plan): the plan is asked for by num_batches, state_dict and every worker
+        # Segments of this epoch run before this one at other world sizes, [(world, batches each), ...]:
+        # empty for an epoch that started at this world size (see higgs_ds.stream.elastic).
+        self.segments: list[tuple[int, int]] = []
+        self._plan = None  # (key, plan): the plan is asked for by num_batches, state_dict and every worker
 
     def plan_fingerprint(self) -> dict:
         """Everything plan_epoch computes this rank's batches from, as JSON values: saved with the data
@@ -144,17 +150,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         return list(dict.fromkeys(self.refs[s].path for s, _ in positions))
 
     def plan(self):
-        if self._plan is None or self._plan[0] != self.epoch:
-            plan = plan_epoch(
-                self.refs,
-                self.cfg.batching(),
-                seed=self.cfg.seed,
-                epoch=self.epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-            )
-            self._plan = (self.epoch, plan)
+        key = (self.epoch, tuple(self.segments))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, self._make_plan())
         return self._plan[1]
+
+    def _make_plan(self):
+        batching, seed = self.cfg.batching(), self.cfg.seed
+        if not self.segments:
+            return plan_epoch(
+                self.refs, batching, seed=seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size
+            )
+        # the epoch began at another world size: its plan there, minus what the segments consumed
+        layout = EpochLayout(self.refs, batching, seed=seed, epoch=self.epoch, world_size=self.segments[0][0])
+        return resumed_plan(layout, self.segments, self.rank, self.world_size)
 
     def num_batches(self) -> int:
         """Micro-batches this rank (and every rank) yields per epoch."""
@@ -181,7 +190,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         plan = self.plan()
         remaining = plan.batches[self.start_batch :]
         mine = batches_for_worker(remaining, info.id, info.num_workers) if info else remaining
-        if (info is None or info.id == 0) and self.rank == 0 and self.start_batch == 0:
+        if (info is None or info.id == 0) and self.rank == 0 and self.start_batch == 0 and self.segments:
+            log.info(
+                "epoch %d continues on %d ranks after %s: %d batches per rank left, %d batches split and %d "
+                "samples repeated to equalise ranks",
+                self.epoch,
+                self.world_size,
+                ", then ".join(f"{done} batches on {world} ranks" for world, done in self.segments),
+                len(plan.batches),
+                plan.num_split,
+                plan.num_repeated,
+            )
+        elif (info is None or info.id == 0) and self.rank == 0 and self.start_batch == 0:
             log.info(
                 "epoch %d: %d batches per rank; %d samples repeated, %d dropped over the length limits, "
                 "%d batches split to equalise ranks",
@@ -332,8 +352,16 @@ class EpochDataLoader(torch.utils.data.DataLoader):
     def set_epoch(self, epoch: int) -> None:
         """HF Trainer's epoch counter restarts at 0 on resume; the stream keeps its own (see seek)."""
 
-    def seek(self, epoch: int, batches_done: int = 0) -> None:
+    def seek(self, epoch: int, batches_done: int = 0, segments=()) -> None:
+        """Continue at batch `batches_done` of this rank's share of `epoch`, after `segments` (the parts of
+        the epoch run at other world sizes, see higgs_ds.stream.elastic)."""
         self.dataset.epoch, self.dataset.start_batch, self._consumed = epoch, batches_done, batches_done
+        segments = [tuple(s) for s in segments]
+        # nothing taken yet in this epoch: it is planned at this world size from the start; a segment that took
+        # nothing after the first changes nothing (the first one stays: it fixes the epoch's batches)
+        if all(done == 0 for _, done in segments):
+            segments = []
+        self.dataset.segments = segments[:1] + [s for s in segments[1:] if s[1] > 0]
 
     def __iter__(self):
         while True:
@@ -376,11 +404,14 @@ class EpochDataLoader(torch.utils.data.DataLoader):
 
     def state_dict(self) -> dict:
         epoch, done = self.dataset.epoch, self._consumed
+        segments = [list(s) for s in self.dataset.segments] + [[self.dataset.world_size, done]]
         if done >= self.dataset.num_batches():  # the epoch's last batch was taken: resume at the next epoch
-            epoch, done = epoch + 1, 0
+            epoch, done, segments = epoch + 1, 0, [[self.dataset.world_size, 0]]
         return {
             "epoch": epoch,
             "batches_done": done,
+            # the global position: W ranks took b batches each, in order (higgs_ds.stream.elastic)
+            "segments": segments,
             "seed": self.dataset.cfg.seed,
             "world_size": self.dataset.world_size,
             "rank": self.dataset.rank,
@@ -401,13 +432,21 @@ class EpochDataLoader(torch.utils.data.DataLoader):
                 f"{'; '.join(changes)}. Batch k of another plan is other samples (some would be skipped, some "
                 "repeated): resume with the saved settings and shards, or train into a new output_dir"
             )
-        if state["rank"] != self.dataset.rank:
+        if state["rank"] != self.dataset.rank and state["world_size"] == self.dataset.world_size:
             raise PlanError(f"{source} is rank {state['rank']}'s data position, not rank {self.dataset.rank}'s")
-        self.seek(state["epoch"], state["batches_done"])
-        if state["batches_done"] > self.dataset.num_batches():
+        segments = [tuple(s) for s in state.get("segments") or [[state["world_size"], state["batches_done"]]]]
+        if state["world_size"] == self.dataset.world_size:
+            self.seek(state["epoch"], state["batches_done"], segments[:-1])
+        else:  # the rest of the epoch, dealt to this run's ranks
+            self.seek(state["epoch"], 0, segments)
+        try:
+            batches = self.dataset.num_batches()
+        except PlanError as err:
+            raise PlanError(f"{source}: {err}") from None
+        if self.dataset.start_batch > batches:
             raise PlanError(
                 f"{source}: {state['batches_done']} batches done in epoch {state['epoch']}, but the epoch has "
-                f"{self.dataset.num_batches()}: resume with the settings and shards it was saved with"
+                f"{batches}: resume with the settings and shards it was saved with"
             )
 
     def _changes(self, state: dict) -> list[str]:
@@ -415,12 +454,7 @@ class EpochDataLoader(torch.utils.data.DataLoader):
         if "plan" not in state:
             return self._legacy_changes(state)
         saved, now = state["plan"], self.dataset.plan_fingerprint()
-        changes = []
-        if saved.get("world_size") != now["world_size"]:
-            changes.append(
-                f"world size: saved {saved.get('world_size')} ranks, now {now['world_size']} (a resume needs "
-                "the same number of ranks)"
-            )
+        changes = []  # the world size may differ: the position is global (higgs_ds.stream.elastic)
         if saved.get("seed") != now["seed"]:
             changes.append(f"data.seed: saved {saved.get('seed')}, now {now['seed']}")
         saved_batching = saved.get("batching") if isinstance(saved.get("batching"), dict) else {}

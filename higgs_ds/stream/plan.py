@@ -495,9 +495,9 @@ class EpochLayout:
         padding = self.world * self.per_rank - len(self.kept)
         return padding + self.world * max(0, self.target - self.per_rank)
 
-    def rank_plan(self, rank: int) -> EpochPlan:
-        if not 0 <= rank < self.world:
-            raise PlanError(f"rank {rank} is outside world size {self.world}")
+    def rank_rows(self, rank: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Rank's micro-batches as flat sample numbers (batch k is rows[starts[k]:starts[k + 1]]), with the
+        number of batches split and of samples repeated to reach the target count."""
         mine = self._block(rank)
         if self._packed is None:
             order = np.arange(len(mine))
@@ -510,19 +510,28 @@ class EpochLayout:
         segments, splits, extra = _equalise(segments, self.target)
         rows = np.concatenate([np.arange(a, b) for a, b in segments]) if segments else np.zeros(0, np.int64)
         starts = np.concatenate([[0], np.cumsum([b - a for a, b in segments])]).astype(np.int64)
-        pairs = self.samples.positions(flat[rows])
+        return flat[rows], starts, splits, extra
+
+    def rank_plan(self, rank: int) -> EpochPlan:
+        if not 0 <= rank < self.world:
+            raise PlanError(f"rank {rank} is outside world size {self.world}")
+        rows, starts, splits, extra = self.rank_rows(rank)
+        return self.plan_of(rows, starts, repeated=self.padding(rank) + extra, split=splits)
+
+    def plan_of(self, rows: np.ndarray, starts: np.ndarray, *, repeated: int, split: int) -> EpochPlan:
+        """An EpochPlan of these micro-batches (flat sample numbers) with this epoch's counts."""
         dropped = [(int(s), int(i)) for s, i in self.samples.positions(self.dropped).tolist()]
         return EpochPlan(
-            batches=Batches(pairs, starts),
+            batches=Batches(self.samples.positions(rows), starts),
             num_global=self.num_global,
-            num_repeated=self.padding(rank) + extra,
+            num_repeated=repeated,
             num_dropped=len(self.dropped),
-            num_split=splits,
+            num_split=split,
             dropped=dropped,
             references=self.references,
             mix=self.mix,
             clone=self.clone,
-            lengths=None if self.lengths is None else self.lengths[flat[rows]],
+            lengths=None if self.lengths is None else self.lengths[rows],
         )
 
 

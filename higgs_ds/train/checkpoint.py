@@ -61,11 +61,48 @@ def check_data_state(state, source) -> None:
         problems.append("seed")
     if "plan" in state and not isinstance(state["plan"], dict):
         problems.append("plan")
+    if "segments" in state and not _segments_ok(state):
+        problems.append("segments")
     if problems:
         raise CheckpointError(
             f"{source} is not a data position written by higgs-ds training (bad or missing "
             f"{', '.join(problems)}): {_INSTEAD}"
         )
+
+
+def _segments_ok(state: dict) -> bool:
+    """[[world, batches], ...] with world >= 1 and batches >= 0, the last one this state's own."""
+    segments = state["segments"]
+    if not isinstance(segments, list) or not segments or len(segments) > 10_000:
+        return False
+    for seg in segments:
+        if not (isinstance(seg, list) and len(seg) == 2 and _is_count(seg[0], 1) and _is_count(seg[1])):
+            return False
+    return segments[-1] == [state.get("world_size"), state.get("batches_done")]
+
+
+def read_resume_state(checkpoint: str | os.PathLike, rank: int, world_size: int) -> dict | None:
+    """The data position rank `rank` of a run on `world_size` ranks continues from: its own when the
+    checkpoint was saved on as many ranks; else the global position every saved rank holds (they took the
+    same number of batches in lockstep: refused when they disagree). None when the checkpoint has none."""
+    first = read_data_state(checkpoint, 0)
+    if first is None or first["world_size"] == world_size:
+        return read_data_state(checkpoint, rank)
+    states = [first] + [read_data_state(checkpoint, r) for r in range(1, first["world_size"])]
+    missing = [r for r, st in enumerate(states) if st is None]
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint} was saved on {first['world_size']} ranks but holds no data position for rank(s) "
+            f"{missing[:8]}: the checkpoint is incomplete; {_INSTEAD}"
+        )
+    fields = ("epoch", "batches_done", "segments", "plan", "world_size")
+    differ = [st["file"] for st in states if any(st.get(k) != first.get(k) for k in fields)]
+    if differ:
+        raise CheckpointError(
+            f"{differ[0]} holds another data position than {first['file']}: ranks run in lockstep, so the "
+            f"checkpoint was not written by one higgs-ds run; {_INSTEAD}"
+        )
+    return first
 
 
 def _load_json(path: Path):
