@@ -24,9 +24,10 @@ def _reference(olds, settings, seed, epoch, world):
     """Every rank's batches of the uninterrupted epoch, from the reference plan; None when it refuses."""
     cfg = old.BatchingConfig(**settings)
     try:
-        return [old.plan_epoch(olds, cfg, seed=seed, epoch=epoch, rank=r, world_size=world).batches for r in range(world)]
+        plans = [old.plan_epoch(olds, cfg, seed=seed, epoch=epoch, rank=r, world_size=world) for r in range(world)]
     except old.PlanError.__mro__[1]:
         return None
+    return [p.batches for p in plans]
 
 
 def _samples(batches) -> Counter:

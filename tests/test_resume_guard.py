@@ -1,7 +1,8 @@
 """Resuming only what fits, and a rank that never waits forever (issue #10, findings 3, 6 and 7, training side):
 
 - a saved data position is refused when the epoch plan it was taken in differs from this run's (batch
-  settings, shards, seed), with what changed; on another number of ranks it continues the epoch; the same shards in a moved folder still resume;
+  settings, shards, seed), with what changed; on another number of ranks it continues the epoch; the same
+  shards in a moved folder still resume;
 - a checkpoint with a torn or garbage trainer_state.json / data state is not complete, and the newest one
   whose files parse is resumed; a data state is written with fsync before its rename;
 - a dataloader worker stuck on a shard fails the rank after data.loader_timeout, naming the shard, and a
