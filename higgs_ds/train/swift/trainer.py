@@ -22,9 +22,15 @@ from higgs_ds.models.interface import config_family, geometry, logits_for_loss
 from higgs_ds.safe_io import atomic_write_bytes
 from higgs_ds.stream.loader import EpochDataLoader, ShardStream
 from higgs_ds.train.callbacks import DenseLogCallback, StopRequestCallback, ThroughputCallback, device_peak_flops
-from higgs_ds.train.checkpoint import CheckpointError, is_complete, read_data_state, stop_files, write_data_state
+from higgs_ds.train.checkpoint import CheckpointError, is_complete, read_resume_state, stop_files, write_data_state
 from higgs_ds.train.loss import target_counts
 from higgs_ds.train.swift.env import ENV_LOG_SAMPLE_IDS, ENV_PEAK_TFLOPS, env_number
+from higgs_ds.train.swift.universal import (
+    group_settings,
+    prepare_resume_at_new_size,
+    restore_group_settings,
+    untie_step_counters,
+)
 
 logger = get_logger()
 
@@ -114,6 +120,8 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
                 "trainer_state.json after a full disk): resume from an earlier checkpoint-N of the run, or "
                 'set resume = "auto" to take the newest complete one'
             )
+        # saved on another number of ranks: DeepSpeed's universal checkpoint (the data position is global)
+        self._new_size = isinstance(resume, str) and prepare_resume_at_new_size(self, resume)
         stop_file = Path(self.args.output_dir) / "STOP"
         if self.args.process_index == 0 and stop_file.exists():
             stop_file.unlink()
@@ -128,6 +136,21 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             for path in stop_files(self.args.output_dir):
                 path.unlink(missing_ok=True)
         return result
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        self._group_settings = group_settings(optimizer)  # restored after a universal load (see universal.py)
+        return optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)  # with DeepSpeed: loaded already, by the engine
+        if checkpoint is not None and getattr(self, "_new_size", False) and self.is_deepspeed_enabled:
+            changed = restore_group_settings(self.optimizer, self._group_settings)
+            if changed:
+                logger.info(f"optimizer group settings restored after the universal load: {'; '.join(changed)}")
+            shared = untie_step_counters(self.optimizer)
+            if shared:
+                logger.info(f"{shared + 1} Adam states shared one step counter after the universal load: untied")
 
     def _save_checkpoint(self, *args, **kwargs):
         loader = getattr(self, "_higgs_loader", None)
@@ -150,14 +173,15 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             super()._load_rng_state(checkpoint)
         if checkpoint is None or getattr(self, "_higgs_loader", None) is None:
             return
-        state = read_data_state(checkpoint, self.args.process_index)
+        state = read_resume_state(checkpoint, self.args.process_index, self.args.world_size)
         if state is None:
             raise CheckpointError(
                 f"{checkpoint} holds no data position for rank {self.args.process_index}: it was not "
                 "written by higgs-ds training, so the run cannot continue with the next sample"
             )
         self._higgs_loader.load_state_dict(state)
-        logger.info(f"data position restored: epoch {state['epoch']}, {state['batches_done']} batches done")
+        done = ", then ".join(f"{b} batches on {w} ranks" for w, b in state.get("segments") or [])
+        logger.info(f"data position restored: epoch {state['epoch']}, {done or '0 batches'} done")
 
     def training_step(self, model, inputs, *args, **kwargs):
         if self.sample_log:

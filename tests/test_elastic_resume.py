@@ -1,0 +1,117 @@
+"""Resume on another number of ranks through the real stack (SWIFT, ZeRO-3, torchrun on CPU ranks, issue #12).
+
+An uninterrupted run on 2 ranks (2 micro-batches of one sample per rank per step: 4 samples a step, 4 steps
+an epoch of 16) saves a checkpoint after every step. From its checkpoint-1 a run continues on 4 ranks and
+another on 1 rank, and from the 4-rank run's checkpoint-2 a run continues on 2 ranks again (2 -> 4 -> 2).
+The gradient accumulation of each is set so that a step still takes 4 micro-batches; the data position is
+global, so each step of a resumed run reads exactly the samples the uninterrupted run read in that step,
+and with the model and Adam's moments carried over by DeepSpeed's universal checkpoint, the losses of
+every step of the epoch equal the uninterrupted run's. Weight decay is on, so a universal load that gave
+the no-decay group the decay of the first (DeepSpeed 0.19.8's ZeRO-3 does) would show in the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, demo_lines, train_cmd, train_env, write_manifest
+
+STEPS = 4  # one epoch: 16 samples / 4 per step
+pytestmark = [pytest.mark.slow, pytest.mark.native_env]
+
+
+@pytest.fixture(scope="module")
+def shards16(tmp_path_factory, tiny_codec, tiny_model_dir):
+    from higgs_ds.shards.build import BuildConfig, build_shards
+
+    lines = [json.loads(x) for x in (REPO / "shards/demo/manifest.jsonl").read_text().splitlines()]
+    ids = {line["misc"]["id"] for line in lines if "clone" not in line["misc"]["id"]}
+    manifest = write_manifest(tmp_path_factory.mktemp("m16"), demo_lines(set(sorted(ids)[:16])))
+    out = tmp_path_factory.mktemp("shards16")
+    build_shards([str(manifest)], str(out), "tiny", BuildConfig(shard_samples=4, tokenizer=str(tiny_model_dir)),
+                 progress=False)  # fmt: skip
+    return out
+
+
+def _run(out: Path, model, shards, *, ranks: int, accum: int, port: int) -> str:
+    overrides = [
+        *("--max_steps", str(STEPS), "--save_steps", "1", "--data.batch_size", "1", "--data.num_workers", "0"),
+        *("--grad_accum", str(accum), "--learning_rate", "3e-3", "--weight_decay", "0.1", "--warmup_steps", "0"),
+        *("--save_probe", "false", "--log_sample_ids", "true"),
+    ]
+    run = subprocess.run(
+        train_cmd(out, model, shards, *overrides),
+        cwd=REPO,
+        env=train_env(port) | {"NPROC_PER_NODE": str(ranks)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = run.stdout + run.stderr
+    out.mkdir(exist_ok=True)
+    (out / "train.log").write_text(log)
+    assert run.returncode == 0, log[-5000:]
+    return log
+
+
+def _resume_from(src: Path, step: int, dst: Path) -> None:
+    """A new output dir holding only checkpoint-`step` of `src`: `resume = "auto"` continues from it."""
+    dst.mkdir()
+    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+    shutil.copy(src / "higgs_ds_config.json", dst) if (src / "higgs_ds_config.json").exists() else None
+
+
+def _step_samples(out: Path) -> dict[int, list[str]]:
+    """Per optimizer step, the sorted sample ids every rank's micro-batches held."""
+    steps = defaultdict(list)
+    for log in out.glob("samples_rank*.jsonl"):
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            steps[rec["step"]] += rec["ids"]
+    return {s: sorted(ids) for s, ids in steps.items()}
+
+
+def _losses(out: Path) -> dict[int, tuple[float, float]]:
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: (h["audio_loss"], h["text_loss"]) for h in history if "audio_loss" in h}
+
+
+def test_resumes_at_4_then_2_and_at_1_rank_continue_the_epoch_exactly(tmp_path, tiny_model_dir, shards16):
+    port = 23000 + os.getpid() % 4000
+    whole = tmp_path / "whole"
+    _run(whole, tiny_model_dir, shards16, ranks=2, accum=2, port=port)
+    want_samples, want_losses = _step_samples(whole), _losses(whole)
+    assert sorted(want_samples) == list(range(1, STEPS + 1)) and all(len(v) == 4 for v in want_samples.values())
+    epoch = sorted(i for s in want_samples.values() for i in s)
+    assert len(set(epoch)) == 16 == len(epoch), "the uninterrupted epoch reads every sample once"
+
+    four = tmp_path / "four"
+    _resume_from(whole, 1, four)
+    log4 = _run(four, tiny_model_dir, shards16, ranks=4, accum=1, port=port + 1)
+    assert "saved on 2 ranks; this run has 4" in log4 and (four / "checkpoint-1" / "latest_universal").is_file()
+
+    two = tmp_path / "two"  # 4 -> 2 from the 4-rank run's checkpoint-2 (its own ZeRO-3 checkpoint)
+    _resume_from(four, 2, two)
+    log2 = _run(two, tiny_model_dir, shards16, ranks=2, accum=2, port=port + 2)
+    assert "saved on 4 ranks; this run has 2" in log2
+
+    one = tmp_path / "one"
+    _resume_from(whole, 1, one)
+    _run(one, tiny_model_dir, shards16, ranks=1, accum=4, port=port + 3)
+
+    for name, out, first in (("2 -> 4", four, 2), ("4 -> 2", two, 3), ("2 -> 1", one, 2)):
+        got = _step_samples(out)
+        assert sorted(got) == list(range(first, STEPS + 1)), name
+        for step in got:
+            assert got[step] == want_samples[step], (name, step)  # the same samples in every step
+        losses = _losses(out)
+        for step in range(first, STEPS + 1):
+            assert losses[step] == pytest.approx(want_losses[step], rel=1e-5), (name, step)
