@@ -82,7 +82,7 @@ def _segments(segments: list, bos: int, eos: int, delay: bool, trained: list | N
     """All audio segments of a batch, each framed as [bos, codes, eos] (labels: [-100, codes, eos], all -100
     when not trained) and, with the delay pattern, row k shifted right by k (bos before, eos after, -100
     around the labels), concatenated along time: what boson's collator builds segment by segment with a
-    dozen torch ops each, here with one copy per segment and one per codebook row.
+    dozen torch ops each, here with one copy per segment (two when trained) into a view already delayed.
     Returns (ids, labels or None, segment lengths)."""
     num_codebooks = segments[0].shape[0]
     delay_cols = num_codebooks - 1 if delay else 0
@@ -90,30 +90,35 @@ def _segments(segments: list, bos: int, eos: int, delay: bool, trained: list | N
     seg_len = frames + 2 + delay_cols
     seg_start = np.cumsum(seg_len) - seg_len
     width = int(seg_len.sum())
-    flat = np.full((num_codebooks, width), eos, np.int64)  # before the delay shift
-    target = None if trained is None else np.full((num_codebooks, width), IGNORE, np.int64)
+    ids, ids_undelayed = _delayed(num_codebooks, width, eos, delay)
+    labels = labels_undelayed = None
+    if trained is not None:
+        labels, labels_undelayed = _delayed(num_codebooks, width, IGNORE, delay)
     for i, seg in enumerate(segments):
-        o, t = int(seg_start[i]), seg.shape[1]
-        flat[:, o + 1 : o + 1 + t] = seg
-        if target is not None and trained[i]:
-            target[:, o + 1 : o + 1 + t] = seg
-            target[:, o + 1 + t] = eos
-    ids, labels = _delay(flat, eos, delay), None if target is None else _delay(target, IGNORE, delay)
+        o = int(seg_start[i]) + 1
+        ids_undelayed[:, o : o + seg.shape[1]] = seg
+        if labels is not None and trained[i]:
+            labels_undelayed[:, o : o + seg.shape[1]] = seg
+    if labels is not None and any(trained):
+        labels_undelayed[:, (seg_start + 1 + frames)[np.asarray(trained, bool)]] = eos  # after each trained seg
     # the leading bos cells of every segment: row k holds k + 1 of them with the delay, 1 without
     bos_rows, bos_offsets = _bos_cells(num_codebooks, delay)
     ids.reshape(-1)[(bos_rows * width)[None, :] + seg_start[:, None] + bos_offsets[None, :]] = bos
     return ids, labels, seg_len
 
 
-def _delay(flat: np.ndarray, fill: int, delay: bool) -> np.ndarray:
-    """Row k shifted right by k along the whole batch (the first k cells get `fill`)."""
+def _delayed(rows: int, width: int, fill: int, delay: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A (rows, width) int64 array of `fill`, and a view of it in which column c of row k is its column c + k
+    (with the delay): writing the undelayed layout into the view writes the delayed one, without a shifted
+    copy. View row k runs past the end of its row into the first k cells of row k + 1 (and row rows - 1 into
+    `rows` spare cells); the undelayed layout's last rows - 1 columns are always `fill` (the last segment's
+    tail), so those cells keep the fill the delay gives them, as does the one cell between view rows."""
     if not delay:
-        return flat
-    out = np.empty_like(flat)
-    for k in range(flat.shape[0]):
-        out[k, :k] = fill
-        out[k, k:] = flat[k, : flat.shape[1] - k]
-    return out
+        out = np.full((rows, width), fill, np.int64)
+        return out, out
+    buffer = np.full(rows * width + rows, fill, np.int64)
+    view = np.lib.stride_tricks.as_strided(buffer, shape=(rows, width), strides=((width + 1) * 8, 8))
+    return buffer[: rows * width].reshape(rows, width), view
 
 
 @functools.lru_cache(maxsize=8)
