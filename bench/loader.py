@@ -13,7 +13,7 @@ with one thread. Every path gets the same timing (bench/common.py: 1 warm-up pas
   decoding;
 * stream: the training path itself, build_dataloader -> ShardStream -> read_positions (strict decode and
   checks) -> SampleEncoder (the stored token ids) -> this environment's family collator, with budget batching
-  (--max-tokens), num_workers=0: one loader core;
+  (--max-tokens), num_workers=0: one loader core; and its stages (read, encode, collate) timed apart;
 * headroom: what one H100 consumes at the MFU goal, tokens/s = MFU x peak / (6 x params), converted to
   samples/s with these shards' mean expanded tokens per sample;
 * seed_path: the seed design (per sample: read the audio, resample with librosa, encode with the released
@@ -163,6 +163,34 @@ def stream(shards: Path, tok, config, max_tokens: int, collator: str, counted: l
         return run
 
     return prepare
+
+
+def stream_stages(shards: Path, tok, config, max_tokens: int, collator: str, timing: dict) -> dict:
+    """The stream's time by stage, each timed alone over the same epoch plan (what a profile would split):
+    read (member tables rebuilt, strict decode and checks: read_positions), encode (SampleEncoder on the
+    read records), collate (the family's collator on the encoded batches); microseconds per sample."""
+    from higgs_ds.models.interface import make_collator
+    from higgs_ds.stream.loader import DataConfig, ShardStream
+    from higgs_ds.stream.reader import member_table, read_positions
+
+    stream = ShardStream(DataConfig(shards=[str(shards)], max_tokens=max_tokens, num_workers=0), tok, rank=0,
+                         world_size=1)  # fmt: skip
+    batches, collate = list(stream.plan().batches), make_collator(config, tok, collator)
+    records = [list(read_positions(stream.refs, b, vocab_size=stream.vocab_size)) for b in batches]
+    encoded = [[stream.encode(r) for r in batch] for batch in records]
+    collate(encoded[0])  # the fast collator's one check against boson's, outside the clock
+
+    def read():
+        member_table.cache_clear()
+        return lambda: [list(read_positions(stream.refs, b, vocab_size=stream.vocab_size)) for b in batches]
+
+    stages = {
+        "read": read,
+        "encode": lambda: lambda: [[stream.encode(r) for r in batch] for batch in records],
+        "collate": lambda: lambda: [collate(batch) for batch in encoded],
+    }
+    n = sum(len(b) for b in batches)
+    return {name: round(measure(prepare, **timing)["wall_s"] / n * 1e6, 2) for name, prepare in stages.items()}
 
 
 # ------------------------------------------------------------------------------------------ the seed path
@@ -358,6 +386,10 @@ NOTES = {
     "does) and one seek + read per sample in the epoch plan's order; no JSON/npy decoding, no checks",
     "stream": "build_dataloader (num_workers=0: one core, torch 1 thread) -> read_positions with every check -> "
     "SampleEncoder on the stored token ids -> the family's collator, budget batching; samples per wall second",
+    "stream.stages_us_per_sample": "the stream's stages timed apart over the same plan (same timing rule): read = "
+    "read_positions with member tables rebuilt (tar scan + sha256), strict decode and checks; encode = "
+    "SampleEncoder; collate = the family's collator; their sum is about stream.us_per_sample (the loader's own "
+    "overhead is the rest)",
     "ratios": "stream samples/s over each floor's samples/s, same run",
     "headroom": "stream samples/s on one core over what one H100 at 45% MFU consumes (6 x params FLOPs per "
     "token, attention FLOPs left out, padding not counted: both make the GPU's demand look larger, not smaller)",
@@ -415,6 +447,7 @@ def main() -> None:
             "stream": measure(stream(shards, tok, config, args.max_tokens, "fast", counted), **timing),
         }
         streamed = counted[-1]
+        stages = stream_stages(shards, tok, config, args.max_tokens, "fast", timing)
         if family == BOSON:
             runs["stream_boson_collator"] = measure(stream(shards, tok, config, args.max_tokens, "boson", []), **timing)
 
@@ -454,6 +487,8 @@ def main() -> None:
             "samples_per_s_per_core": rate["stream"],
             "mb_per_s_per_core": round(total_bytes / 1e6 / runs["stream"]["wall_s"], 1),
             "audio_hours_per_s_per_core": round(audio_hours * streamed / n / runs["stream"]["wall_s"], 2),
+            "us_per_sample": round(runs["stream"]["wall_s"] / streamed * 1e6, 2),
+            "stages_us_per_sample": stages,
         },
         "ratios": {
             "stream_over_byte_floor": round(rate["stream"] / rate["bytes"], 4),
