@@ -10,6 +10,7 @@ directory, half the samples plain single-speaker TTS (cloning-eligible). The pla
 (max_tokens 8,192, windows of 512, max_length 2,048), so every rank's batch count is needed; `--clone`
 adds cloning references (0.3) and two directories mixed 1 : 0.5. The old plan is given `--old-limit`
 seconds per measurement; past that it is reported as not finished (the README has its measured 370 s).
+An elastic resume (the rest of an epoch stopped half-way, on 3/4 of the ranks) is timed too.
 Goals (issue #12): one rank's plan <= 10 s and <= 1 GB peak RSS at 10M x 1,024; preflight <= 60 s.
 """
 
@@ -81,6 +82,12 @@ def one(samples: int, ranks: int, impl: str, what: str, clone: bool) -> dict:
     if what == "rank":
         plan = module.plan_epoch(refs, cfg, seed=0, epoch=0, rank=ranks // 2, world_size=ranks)
         batches = len(plan.batches)
+    elif what == "resume":  # stopped half-way through the epoch, resumed on 3/4 of the ranks
+        from higgs_ds.stream.elastic import resumed_plan
+
+        layout = module.EpochLayout(refs, cfg, seed=0, epoch=0, world_size=ranks)
+        now = max(1, ranks * 3 // 4)
+        batches = len(resumed_plan(layout, [(ranks, layout.target // 2)], now // 2, now).batches)
     elif impl == "new":  # preflight: the totals over all ranks from one layout
         layout = module.EpochLayout(refs, cfg, seed=0, epoch=0, world_size=ranks)
         layout.total_repeated()
@@ -128,6 +135,7 @@ def main() -> None:
             for impl, limit in (("new", args.new_limit), ("old", args.old_limit)):
                 row[f"{impl}_rank_plan"] = measure(samples, ranks, impl, "rank", clone, limit)
             row["new_preflight"] = measure(samples, ranks, "new", "preflight", clone, args.new_limit)
+            row["new_elastic_resume_plan"] = measure(samples, ranks, "new", "resume", clone, args.new_limit)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     out = {
@@ -143,7 +151,8 @@ def main() -> None:
         "notes": "seconds: wall time of planning alone (index built before the clock); peak_rss_mb: the "
         "process's peak RSS including the synthetic index; old = tests/reference/plan_v1.py, the list plan "
         "every rank computed for every rank; preflight = all ranks' totals + rank 0's plan (old: a plan per "
-        "rank, i.e. ranks x old_rank_plan).",
+        "rank, i.e. ranks x old_rank_plan); elastic_resume_plan = one rank's plan for the rest of an epoch stopped "
+        "half-way and resumed on 3/4 of the ranks (every old rank's batches formed, higgs_ds.stream.elastic).",
     }
     print(json.dumps(out, indent=1))
 

@@ -3,11 +3,13 @@
 An uninterrupted run on 2 ranks (2 micro-batches of one sample per rank per step: 4 samples a step, 4 steps
 an epoch of 16) saves a checkpoint after every step. From its checkpoint-1 a run continues on 4 ranks and
 another on 1 rank, and from the 4-rank run's checkpoint-2 a run continues on 2 ranks again (2 -> 4 -> 2).
-The gradient accumulation of each is set so that a step still takes 4 micro-batches; the data position is
-global, so each step of a resumed run reads exactly the samples the uninterrupted run read in that step,
-and with the model and Adam's moments carried over by DeepSpeed's universal checkpoint, the losses of
-every step of the epoch equal the uninterrupted run's. Weight decay is on, so a universal load that gave
-the no-decay group the decay of the first (DeepSpeed 0.19.8's ZeRO-3 does) would show in the losses.
+Every run is given grad_accum 2, and keep_global_batch (the default) rescales it on a resume at another size
+so that a step still takes 4 micro-batches (4 ranks: 1, 1 rank: 4). The data position is global, so each
+step of a resumed run reads exactly the samples the uninterrupted run read in that step; with the model and
+Adam's moments carried over by DeepSpeed's universal checkpoint, the losses of every step of the epoch
+equal the uninterrupted run's. Weight decay is on, so a universal load that gave the no-decay group the
+decay of the first, or Adam's states one shared step counter (DeepSpeed 0.19.8's ZeRO-3 does both;
+higgs_ds/train/swift/universal.py undoes them), would show in the losses.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ def shards16(tmp_path_factory, tiny_codec, tiny_model_dir):
     return out
 
 
-def _run(out: Path, model, shards, *, ranks: int, accum: int, port: int) -> str:
+def _run(out: Path, model, shards, *, ranks: int, port: int) -> str:
     overrides = [
         *("--max_steps", str(STEPS), "--save_steps", "1", "--data.batch_size", "1", "--data.num_workers", "0"),
-        *("--grad_accum", str(accum), "--learning_rate", "3e-3", "--weight_decay", "0.1", "--warmup_steps", "0"),
+        *("--grad_accum", "2", "--learning_rate", "3e-3", "--weight_decay", "0.1", "--warmup_steps", "0"),
         *("--save_probe", "false", "--log_sample_ids", "true"),
     ]
     run = subprocess.run(
@@ -87,7 +89,7 @@ def _losses(out: Path) -> dict[int, tuple[float, float]]:
 def test_resumes_at_4_then_2_and_at_1_rank_continue_the_epoch_exactly(tmp_path, tiny_model_dir, shards16):
     port = 23000 + os.getpid() % 4000
     whole = tmp_path / "whole"
-    _run(whole, tiny_model_dir, shards16, ranks=2, accum=2, port=port)
+    _run(whole, tiny_model_dir, shards16, ranks=2, port=port)
     want_samples, want_losses = _step_samples(whole), _losses(whole)
     assert sorted(want_samples) == list(range(1, STEPS + 1)) and all(len(v) == 4 for v in want_samples.values())
     epoch = sorted(i for s in want_samples.values() for i in s)
@@ -95,17 +97,19 @@ def test_resumes_at_4_then_2_and_at_1_rank_continue_the_epoch_exactly(tmp_path, 
 
     four = tmp_path / "four"
     _resume_from(whole, 1, four)
-    log4 = _run(four, tiny_model_dir, shards16, ranks=4, accum=1, port=port + 1)
+    log4 = _run(four, tiny_model_dir, shards16, ranks=4, port=port + 1)
     assert "saved on 2 ranks; this run has 4" in log4 and (four / "checkpoint-1" / "latest_universal").is_file()
+    assert "on 4 ranks: grad_accum 1, the same 4 micro-batches per optimizer step" in log4
 
     two = tmp_path / "two"  # 4 -> 2 from the 4-rank run's checkpoint-2 (its own ZeRO-3 checkpoint)
     _resume_from(four, 2, two)
-    log2 = _run(two, tiny_model_dir, shards16, ranks=2, accum=2, port=port + 2)
+    log2 = _run(two, tiny_model_dir, shards16, ranks=2, port=port + 2)
     assert "saved on 4 ranks; this run has 2" in log2
+    assert "(4 ranks x grad_accum 1) on 2 ranks: grad_accum 2" in log2  # what the 4-rank run ran with
 
     one = tmp_path / "one"
     _resume_from(whole, 1, one)
-    _run(one, tiny_model_dir, shards16, ranks=1, accum=4, port=port + 3)
+    assert "on 1 ranks: grad_accum 4" in _run(one, tiny_model_dir, shards16, ranks=1, port=port + 3)
 
     for name, out, first in (("2 -> 4", four, 2), ("4 -> 2", two, 3), ("2 -> 1", one, 2)):
         got = _step_samples(out)

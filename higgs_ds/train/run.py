@@ -70,6 +70,10 @@ class TrainConfig:
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir if there is one; never; or a
     checkpoint path. Model, optimizer, scheduler, RNG and the data position are restored."""
+    keep_global_batch: bool = True
+    """On a resume at another number of ranks, rescale grad_accum so that an optimizer step still takes as
+    many micro-batches as the run that saved the checkpoint (the same global batch: the loss and the
+    learning-rate schedule keep their meaning); a warning when it cannot be divided. false: grad_accum as given."""
     log_sample_ids: bool = False
     """Append every micro-batch's sample ids to output_dir/samples_rank{R}.jsonl (audits, tests)."""
     activation_checkpointing: bool = False

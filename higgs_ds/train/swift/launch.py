@@ -7,6 +7,7 @@ same set as higgs_ds/swift_plugin.py, the `swift sft` entry), so a run goes thro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,12 +16,15 @@ import torch
 
 from higgs_ds.models.family import environment_family, model_family
 from higgs_ds.models.patches import AUDIO_FFN_LINEARS, AUDIO_NORMS, AUDIO_SIDES
+from higgs_ds.train.checkpoint import is_complete, latest_complete, read_data_state
 from higgs_ds.train.swift import cli_hooks, redact  # noqa: F401  installed at import: SwiftSft's hooks, redaction
 from higgs_ds.train.swift.cpu import configure_cpu_ranks, configure_single_process
 from higgs_ds.train.swift.pipeline import HiggsSft
 from higgs_ds.train.swift.register import MODEL_TYPES, TEMPLATE_TYPE, HiggsAudioLoader
 from higgs_ds.train.swift.template import HiggsAudioTemplate
 from higgs_ds.train.swift.trainer import HiggsAudioTrainer
+
+log = logging.getLogger(__name__)
 
 
 def _dtype(cfg) -> str:
@@ -49,6 +53,41 @@ def _tuner_args(cfg, family: str) -> dict:
     return {}
 
 
+def _resume_checkpoint(cfg) -> Path | None:
+    """The checkpoint this run resumes from, chosen as HiggsSft chooses it (resume = auto | never | PATH)."""
+    if cfg.resume in ("never", ""):
+        return None
+    return latest_complete(cfg.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+
+
+def _grad_accum(cfg) -> int:
+    """cfg.grad_accum; on a resume at another world size with keep_global_batch, the accumulation that keeps
+    the saved run's micro-batches per step (its world size x its gradient_accumulation_steps, from the
+    checkpoint's args.json: what it ran with, which may itself have been rescaled)."""
+    ckpt = _resume_checkpoint(cfg) if cfg.keep_global_batch else None
+    saved = read_data_state(ckpt, 0) if ckpt is not None and is_complete(ckpt) else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is None or saved["world_size"] == world or not (ckpt / "args.json").is_file():
+        return cfg.grad_accum
+    ran = json.loads((ckpt / "args.json").read_text()).get("gradient_accumulation_steps")
+    if not isinstance(ran, int) or ran < 1:
+        return cfg.grad_accum
+    per_step = saved["world_size"] * ran
+    if per_step % world:
+        log.warning(
+            f"{ckpt} took {per_step} micro-batches per optimizer step ({saved['world_size']} ranks x {ran}); "
+            f"{world} ranks cannot divide them: grad_accum stays {cfg.grad_accum}, so the global batch changes "
+            f"(resume on a number of ranks that divides {per_step} to keep it)"
+        )
+        return cfg.grad_accum
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.warning(
+            f"resuming {ckpt} ({saved['world_size']} ranks x grad_accum {ran}) on {world} ranks: grad_accum "
+            f"{per_step // world}, the same {per_step} micro-batches per optimizer step (keep_global_batch)"
+        )
+    return per_step // world
+
+
 def swift_argv(cfg) -> list[str]:
     dtype = _dtype(cfg)
     # the model directory's family (a missing or foreign one is refused by HiggsAudioLoader, with the reason)
@@ -62,7 +101,7 @@ def swift_argv(cfg) -> list[str]:
         "streaming": "true",
         "max_steps": cfg.max_steps,
         "per_device_train_batch_size": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_accumulation_steps": _grad_accum(cfg),
         "learning_rate": cfg.learning_rate,
         "warmup_steps": cfg.warmup_steps,
         "lr_scheduler_type": cfg.lr_scheduler,
