@@ -98,6 +98,20 @@ def small_shards(tmp_path_factory, small_manifest, tiny_codec, tiny_model_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def shards16(tmp_path_factory, tiny_codec, tiny_model_dir):
+    """16 plain utterances of the demo corpus in 4 shards: epochs long enough to stop and resume inside one."""
+    from higgs_ds.shards.build import BuildConfig, build_shards
+
+    lines = [json.loads(x) for x in (DEMO / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    ids = sorted(line["misc"]["id"] for line in lines if "clone" not in line["misc"]["id"])[:16]
+    manifest = write_manifest(tmp_path_factory.mktemp("m16"), demo_lines(set(ids)))
+    out = tmp_path_factory.mktemp("shards16")
+    build_shards([str(manifest)], str(out), "tiny", BuildConfig(shard_samples=4, tokenizer=str(tiny_model_dir)),
+                 progress=False)  # fmt: skip
+    return out
+
+
 def train_env(port: int) -> dict:
     """Offline, one thread per rank, 2 ranks per node, the interpreter of this test run."""
     import sys

@@ -347,6 +347,10 @@ class SlurmCluster:
         """scancel OPTIONS JOB, e.g. scancel(job, "--batch", "--signal=USR1") to signal the batch script."""
         self._client([_which("scancel"), *options, str(job_id)])
 
+    def scontrol(self, *args: str) -> str:
+        """scontrol ARGS, e.g. scontrol("update", "NodeName=node2", "State=DRAIN", "Reason=test")."""
+        return self._client([_which("scontrol"), *args]).stdout
+
     def logs(self, lines: int = 15) -> str:
         """The last lines of the daemons' logs, for error messages."""
         if not self.dir or not (self.dir / "log").is_dir():

@@ -23,23 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, demo_lines, train_cmd, train_env, write_manifest
+from .conftest import REPO, train_cmd, train_env
 
 STEPS = 4  # one epoch: 16 samples / 4 per step
 pytestmark = [pytest.mark.slow, pytest.mark.native_env]
-
-
-@pytest.fixture(scope="module")
-def shards16(tmp_path_factory, tiny_codec, tiny_model_dir):
-    from higgs_ds.shards.build import BuildConfig, build_shards
-
-    lines = [json.loads(x) for x in (REPO / "shards/demo/manifest.jsonl").read_text().splitlines()]
-    ids = {line["misc"]["id"] for line in lines if "clone" not in line["misc"]["id"]}
-    manifest = write_manifest(tmp_path_factory.mktemp("m16"), demo_lines(set(sorted(ids)[:16])))
-    out = tmp_path_factory.mktemp("shards16")
-    build_shards([str(manifest)], str(out), "tiny", BuildConfig(shard_samples=4, tokenizer=str(tiny_model_dir)),
-                 progress=False)  # fmt: skip
-    return out
 
 
 def _run(out: Path, model, shards, *, ranks: int, port: int) -> str:

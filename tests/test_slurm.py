@@ -224,8 +224,8 @@ def _samples(out: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (out / f"samples_rank{rank}.jsonl").read_text().splitlines()]
 
 
-def _losses(out: Path) -> dict:
-    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+def _losses(out: Path, last: int = 10) -> dict:
+    state = json.loads((out / f"checkpoint-{last}" / "trainer_state.json").read_text())
     return {h["step"]: (h["audio_loss"], h["text_loss"]) for h in state["log_history"] if "audio_loss" in h}
 
 
@@ -373,3 +373,62 @@ def test_build_shards_script_slices_arguments_and_a_single_merge(slurm, tmp_path
     job = submit("merge", SHARDS_SCRIPT, "--merge", "OUT")
     assert tasks(job, range(4)) == ["COMPLETED"] * 4, text("merge")
     assert text("merge").count("-m higgs_ds.cli shards index OUT") == 1, text("merge")
+
+
+def _step_samples(out: Path) -> dict[int, list[str]]:
+    """Per optimizer step, the sorted sample ids of all its micro-batches, over every rank and attempt."""
+    steps: dict[int, list[str]] = {}
+    for log in sorted(out.glob("samples_rank*.jsonl")):
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault(rec["step"], []).extend(rec["ids"])
+    return {step: sorted(ids) for step, ids in sorted(steps.items())}
+
+
+@pytest.mark.timeout(1500)
+def test_a_requeued_job_that_gets_fewer_nodes_resumes_on_them(slurm, tmp_path, tiny_model_dir, shards16):
+    """A 2-node job (2 ranks, one epoch of 16 samples = 8 optimizer steps) gets USR1 while node2 is drained:
+    it saves, requeues and waits for 2 nodes; the operator lets it run on what is left (scontrol update
+    NumNodes=1), and it resumes the 2-rank checkpoint on 1 rank, mid-epoch: DeepSpeed's universal
+    checkpoint, the global data position, grad_accum 2 (keep_global_batch). Every step reads the samples
+    the uninterrupted 2-node job read in it, and the losses equal its losses."""
+    settings = ("--save_probe", "false", "--log_sample_ids", "true", "--data.batch_size", "1")
+    whole, elastic = tmp_path / "whole", tmp_path / "elastic"
+    # both jobs at once, one CPU of each node each: the reference and the one that loses a node
+    ref, ref_log = _submit(slurm, tmp_path, _train_args(whole, tiny_model_dir, shards16, 8, 100, *settings),
+                           _env(), "whole")  # fmt: skip
+    job, log = _submit(slurm, tmp_path, _train_args(elastic, tiny_model_dir, shards16, 8, 100, *settings), _env())
+    report = lambda: _report(slurm, job, log)  # noqa: E731
+    samples = elastic / "samples_rank0.jsonl"
+    _wait_for(
+        lambda: samples.exists() and any(json.loads(x)["step"] >= 2 for x in samples.read_text().splitlines()),
+        "step 2",
+        600,
+        report,
+    )
+    slurm.scontrol("update", "NodeName=node2", "State=DRAIN", "Reason=elastic-test")  # running jobs go on
+    try:
+        slurm.scancel(job, "--batch", "--signal=USR1")
+        _wait_for(lambda: slurm.job(job).get("Restarts") == "1" and slurm.job(job)["JobState"] == "PENDING",
+                  "the requeued job pending", 600, report)  # fmt: skip
+        slurm.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
+        assert slurm.wait(job, timeout=900) == "COMPLETED", report()
+    finally:
+        slurm.scontrol("update", "NodeName=node2", "State=RESUME")
+    assert slurm.wait(ref, timeout=600) == "COMPLETED", _report(slurm, ref, ref_log)
+
+    text = log.read_text()
+    stopped = re.search(r"stopped on request at step (\d+)", text)
+    assert stopped and 2 <= int(stopped.group(1)) < 8, text[-4000:]  # inside the epoch: the resume continues it
+    assert re.search(r": 1 node\(s\) node1, rendezvous \S+ restart 1, in", text), text[-4000:]
+    second = text.split("restart 1, in")[1]
+    assert "node rank 1 of" not in second
+    assert "was saved on 2 ranks; this run has 1" in second and "on 1 ranks: grad_accum 2" in second, second[-4000:]
+    assert "[higgs-ds] step 8/8" in second
+
+    want, got = _step_samples(whole), _step_samples(elastic)
+    assert sorted(want) == list(range(1, 9)) and got == want
+    assert len({i for ids in want.values() for i in ids}) == 16 == sum(map(len, want.values()))  # the epoch once
+    whole_losses = _losses(whole, 8)
+    for step, loss in _losses(elastic, 8).items():
+        assert loss == pytest.approx(whole_losses[step], rel=1e-5), step

@@ -122,30 +122,30 @@ class References(Mapping):
     """Position -> its voice-cloning reference, as two sorted flat arrays (shared by forked workers)."""
 
     def __init__(self, samples: "_Samples", keys: np.ndarray, values: np.ndarray):
-        self.samples, self.keys, self.values = samples, keys, values
+        self.samples, self.flat_keys, self.flat_values = samples, keys, values
 
     def _find(self, pos) -> int:
         s, i = pos
         if not (0 <= s < len(self.samples.starts) - 1 and 0 <= i < self.samples.sizes[s]):
             return -1
         flat = self.samples.starts[s] + i
-        k = int(np.searchsorted(self.keys, flat))
-        return k if k < len(self.keys) and self.keys[k] == flat else -1
+        k = int(np.searchsorted(self.flat_keys, flat))
+        return k if k < len(self.flat_keys) and self.flat_keys[k] == flat else -1
 
     def __getitem__(self, pos) -> Position:
         k = self._find(pos)
         if k < 0:
             raise KeyError(pos)
-        return self.samples.position(int(self.values[k]))
+        return self.samples.position(int(self.flat_values[k]))
 
     def __contains__(self, pos) -> bool:
         return isinstance(pos, tuple) and len(pos) == 2 and self._find(pos) >= 0
 
     def __iter__(self):
-        return (self.samples.position(int(f)) for f in self.keys)
+        return (self.samples.position(int(f)) for f in self.flat_keys)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.flat_keys)
 
 
 @dataclass
@@ -283,9 +283,11 @@ def _units(samples: _Samples, seed: int, epoch: int, weights) -> tuple[list, lis
         offsets = np.concatenate([[0], np.cumsum(samples.sizes[shards])])
         # a (seed, epoch)-chosen subset of the set: a different one each epoch, so all are seen over epochs
         chosen = np.sort(np.asarray(random.Random(f"{seed}/{epoch}/mix/{d}").sample(range(size), take), dtype=np.int64))
-        holder = np.searchsorted(offsets, chosen, side="right") - 1  # which of the set's shards holds each
-        for k in np.unique(holder).tolist():
-            partial[shards[k]] = chosen[holder == k] - offsets[k]
+        # chosen is sorted: shard k's samples are one slice of it, between its offsets
+        bounds = np.searchsorted(chosen, offsets).tolist()
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a:
+                partial[shards[k]] = chosen[a:b] - offsets[k]
         for s in shards:
             whole[s] = full
         unique = size if full else take
