@@ -180,8 +180,11 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
                 "written by higgs-ds training, so the run cannot continue with the next sample"
             )
         self._higgs_loader.load_state_dict(state)
-        done = ", then ".join(f"{b} batches on {w} ranks" for w, b in state.get("segments") or [])
-        logger.info(f"data position restored: epoch {state['epoch']}, {done or '0 batches'} done")
+        chain = ", then ".join(f"{b} on {w} ranks" for w, b in state.get("segments") or [])
+        logger.info(
+            f"data position restored: epoch {state['epoch']}, {state['batches_done']} batches done"
+            + (f" (batches per rank: {chain})" if chain else "")
+        )
 
     def training_step(self, model, inputs, *args, **kwargs):
         if self.sample_log:
