@@ -247,3 +247,23 @@ def test_judges_refuse_bad_directories_by_name(tiny_judges, tmp_path):
     (wrong_head / "mos_head.json").write_text(json.dumps(dict(spec, rnn_hidden=spec["rnn_hidden"] * 2)))
     with pytest.raises(UserError, match=f"{wrong_head / 'mos_head.safetensors'}: not MosHead's weights.*shape"):
         MosJudge(wrong_head)
+
+
+def test_asr_transcribes_past_whispers_30_s_window_and_refuses_a_judge_without_timestamps(tiny_judges, tmp_path):
+    from higgs_ds.eval.judges import AsrJudge
+
+    dirs, judges = tiny_judges
+    _, wave = demo_waves(DEMO_IDS[:1])[0]
+    long_wave = np.tile(wave, int(np.ceil(35 * SR / len(wave))))[: 35 * SR]  # 35 s: long-form decoding
+    (heard,) = judges["asr"].transcribe([long_wave], SR, language="en")
+    assert isinstance(heard, str)
+    assert "<|" not in heard  # timestamp tokens are not part of the transcript
+
+    stampless = _copy(dirs["asr"], tmp_path / "stampless")
+    config = json.loads((stampless / "generation_config.json").read_text())
+    config.pop("no_timestamps_token_id", None)
+    (stampless / "generation_config.json").write_text(json.dumps(config))
+    judge = AsrJudge(stampless)
+    assert judge.transcribe([wave], SR, language="en")  # within 30 s nothing changes
+    with pytest.raises(UserError, match=f"35.0 s is longer than Whisper's 30 s window.*{stampless}.*timestamp"):
+        judge.transcribe([long_wave], SR, language="en")

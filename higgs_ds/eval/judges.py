@@ -232,6 +232,17 @@ class AsrJudge:
             raise UserError(f"{self.what} {self.root} has no language {', '.join(unknown)} (it has {self.languages})")
         return langs
 
+    def _check_long_form(self, samples: int) -> None:
+        """Whisper transcribes past its 30 s window only by predicting timestamps (transformers' long-form)."""
+        first = getattr(self.model.generation_config, "no_timestamps_token_id", None)
+        stamp = self.processor.tokenizer.convert_tokens_to_ids("<|0.00|>")
+        if first is None or stamp != first + 1:
+            raise UserError(
+                f"a wave of {samples / self.sampling_rate:.1f} s is longer than Whisper's 30 s window, and {self.what} "
+                f"{self.root} has no timestamp tokens for long-form transcription: use a released Whisper "
+                "(large-v3 has them) or shorter evaluation items"
+            )
+
     @torch.inference_mode()
     def transcribe(
         self, waves: Sequence[np.ndarray], sr: int, language: str | Sequence[str] | None = "en"
@@ -242,6 +253,8 @@ class AsrJudge:
         for start in range(0, len(waves), self.batch_size):
             batch = waves[start : start + self.batch_size]
             long_form = max(len(w) for w in batch) > self.processor.feature_extractor.n_samples
+            if long_form:
+                self._check_long_form(max(len(w) for w in batch))
             feats = self.processor.feature_extractor(
                 batch,
                 sampling_rate=self.sampling_rate,
@@ -249,17 +262,16 @@ class AsrJudge:
                 return_attention_mask=True,
                 **({"truncation": False, "padding": "longest"} if long_form else {}),
             )
-            kwargs = (
-                {"task": "transcribe"}
-                if langs is None
-                else {"task": "transcribe", "language": langs[start : start + len(batch)]}
-            )
+            kwargs = {"task": "transcribe", "return_timestamps": long_form or None}
+            if langs is not None:
+                kwargs["language"] = langs[start : start + len(batch)]
             ids = self.model.generate(
                 feats["input_features"].to(self.device, self.dtype),
                 attention_mask=feats["attention_mask"].to(self.device),
                 **kwargs,
             )
-            out += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            texts = self.processor.batch_decode(ids, skip_special_tokens=True, decode_with_timestamps=False)
+            out += [t.strip() for t in texts]
         return out
 
 

@@ -47,10 +47,13 @@ def build_tiny_whisper_tokenizer(out: Path):
     specials = whisper_special_tokens()
     normalizer = out / "normalizer.json"
     normalizer.write_text(json.dumps(TINY_SPELLING, indent=1) + "\n")
+    # the 1501 timestamps <|0.00|>..<|30.00|> follow <|notimestamps|> as in large-v3: long-form (> 30 s) needs them
+    timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     tok = WhisperTokenizer(
         vocab=vocab, merges=[], normalizer_file=str(normalizer), additional_special_tokens=specials[1:]
     )
-    for i, t in enumerate(specials):
+    tok.add_tokens(timestamps)  # plain added tokens (not special), as in large-v3's tokenizer.json
+    for i, t in enumerate(specials + timestamps):
         assert tok.convert_tokens_to_ids(t) == len(alphabet) + i, t
     return tok
 
