@@ -29,11 +29,11 @@ STEPS = 4  # one epoch: 16 samples / 4 per step
 pytestmark = [pytest.mark.slow, pytest.mark.native_env]
 
 
-def _run(out: Path, model, shards, *, ranks: int, port: int) -> str:
+def _run(out: Path, model, shards, *extra: str, ranks: int, port: int) -> str:
     overrides = [
         *("--max_steps", str(STEPS), "--save_steps", "1", "--data.batch_size", "1", "--data.num_workers", "0"),
         *("--grad_accum", "2", "--learning_rate", "3e-3", "--weight_decay", "0.1", "--warmup_steps", "0"),
-        *("--save_probe", "false", "--log_sample_ids", "true"),
+        *("--save_probe", "false", "--log_sample_ids", "true", *extra),
     ]
     run = subprocess.run(
         train_cmd(out, model, shards, *overrides),
@@ -73,14 +73,23 @@ def _losses(out: Path) -> dict[int, tuple[float, float]]:
     return {h["step"]: (h["audio_loss"], h["text_loss"]) for h in history if "audio_loss" in h}
 
 
-def test_resumes_at_4_then_2_and_at_1_rank_continue_the_epoch_exactly(tmp_path, tiny_model_dir, shards16):
-    port = 23000 + os.getpid() % 4000
-    whole = tmp_path / "whole"
-    _run(whole, tiny_model_dir, shards16, ranks=2, port=port)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, shards16):
+    """The uninterrupted 2-rank run: its output dir, the samples and the losses of every step."""
+    whole = tmp_path_factory.mktemp("elastic") / "whole"
+    _run(whole, tiny_model_dir, shards16, ranks=2, port=21000 + os.getpid() % 2000)
     want_samples, want_losses = _step_samples(whole), _losses(whole)
     assert sorted(want_samples) == list(range(1, STEPS + 1)) and all(len(v) == 4 for v in want_samples.values())
     epoch = sorted(i for s in want_samples.values() for i in s)
     assert len(set(epoch)) == 16 == len(epoch), "the uninterrupted epoch reads every sample once"
+    return whole, want_samples, want_losses
+
+
+def test_resumes_at_4_then_2_and_at_1_rank_continue_the_epoch_exactly(
+    tmp_path, tiny_model_dir, shards16, uninterrupted
+):
+    port = 23000 + os.getpid() % 4000
+    whole, want_samples, want_losses = uninterrupted
 
     four = tmp_path / "four"
     _resume_from(whole, 1, four)
@@ -106,3 +115,37 @@ def test_resumes_at_4_then_2_and_at_1_rank_continue_the_epoch_exactly(tmp_path, 
         losses = _losses(out)
         for step in range(first, STEPS + 1):
             assert losses[step] == pytest.approx(want_losses[step], rel=1e-5), (name, step)
+
+
+def test_resume_reset_optimizer_keeps_weights_schedule_and_data_with_fresh_adam(
+    tmp_path, tiny_model_dir, shards16, uninterrupted
+):
+    """2 -> 1 rank with resume_reset_optimizer: no universal conversion; the weights are checkpoint-1's
+    (step 2's loss, computed before any update, is the uninterrupted run's), the data continues with the same
+    samples per step, and Adam restarts (step 3's loss, after one update with fresh moments, is not)."""
+    whole, want_samples, want_losses = uninterrupted
+    one = tmp_path / "one"
+    _resume_from(whole, 1, one)
+    log = _run(
+        one, tiny_model_dir, shards16, "--resume_reset_optimizer", "true", ranks=1, port=25000 + os.getpid() % 4000
+    )
+    assert "resume_reset_optimizer: resuming from the weights of" in log
+    assert "parameters loaded from" in log and "the optimizer starts fresh" in log
+    assert not (one / "checkpoint-1" / "latest_universal").exists()  # DeepSpeed's converter was not run
+    got = _step_samples(one)
+    assert sorted(got) == list(range(2, STEPS + 1))
+    assert all(got[step] == want_samples[step] for step in got)
+    losses = _losses(one)
+    assert losses[2] == pytest.approx(want_losses[2], rel=1e-5)
+    assert losses[3][0] != pytest.approx(want_losses[3][0], rel=1e-4)  # a fresh Adam's first update differs
+    assert (one / "checkpoint-4" / "latest").read_text().strip() == "global_step4"  # the step count continues
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_names_the_reset_option(tmp_path):
+    from higgs_ds.train.checkpoint import CheckpointError
+    from higgs_ds.train.swift.universal import _convert
+
+    source = tmp_path / "checkpoint-3" / "global_step3"
+    source.mkdir(parents=True)  # no ZeRO files in it: DeepSpeed's converter fails
+    with pytest.raises(CheckpointError, match=f"could not convert {source}.*resume_reset_optimizer = true"):
+        _convert(source, tmp_path / "checkpoint-3" / "global_step3_universal", 3)

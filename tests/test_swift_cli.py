@@ -172,6 +172,29 @@ def test_swift_sft_resumes_at_the_saved_data_position(cli_run, small_shards, tin
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_swift_sft_refuses_resume_only_model_which_would_restart_the_data(cli_run, small_shards, tiny_model_dir):
+    out, _ = cli_run  # ms-swift's resume_only_model drops the saved data position: samples would repeat
+    again = out.parent / "only-model"
+    again.mkdir()
+    shutil.copytree(out / "checkpoint-3", again / "checkpoint-3")
+    for script in (again / "checkpoint-3").glob("*.py"):  # else refused as a model dir carrying code
+        script.unlink()  # (SWIFT loads the model from the checkpoint), before the trainer is reached
+    run = swift_sft(
+        tiny_model_dir,
+        small_shards,
+        again,
+        *TRAIN,
+        *("--resume_from_checkpoint", str(again / "checkpoint-3"), "--resume_only_model", "true"),
+        ranks=1,
+    )
+    assert run.returncode != 0
+    assert "--resume_only_model would restart the shard stream" in run.stderr
+    assert "HIGGS_DS_RESUME_RESET_OPTIMIZER=1" in run.stderr and "Traceback" not in run.stderr
+    assert not (again / "samples_rank0.jsonl").exists()  # refused before a step was taken
+
+
 @pytest.mark.timeout(200)
 def test_swift_sft_names_a_bad_shard_directory_without_a_traceback(tmp_path, small_shards, tiny_model_dir):
     empty = tmp_path / "not-shards"

@@ -74,6 +74,10 @@ class TrainConfig:
     """On a resume at another number of ranks, rescale grad_accum so that an optimizer step still takes as
     many micro-batches as the run that saved the checkpoint (the same global batch: the loss and the
     learning-rate schedule keep their meaning); a warning when it cannot be divided. false: grad_accum as given."""
+    resume_reset_optimizer: bool = False
+    """Resume from the checkpoint's weights, learning-rate schedule, step and data position with a fresh
+    optimizer (Adam's moments at zero), at any number of ranks. For a checkpoint DeepSpeed cannot convert
+    to another world size, or new optimizer settings; never chosen without this setting."""
     log_sample_ids: bool = False
     """Append every micro-batch's sample ids to output_dir/samples_rank{R}.jsonl (audits, tests)."""
     activation_checkpointing: bool = False

@@ -148,6 +148,7 @@ def run_training(cfg) -> dict:
     HiggsAudioLoader.activation_checkpointing = cfg.activation_checkpointing
     HiggsAudioLoader.train_modules = cfg.train_modules
     HiggsAudioTrainer.peak_tflops = cfg.peak_tflops
+    HiggsAudioTrainer.reset_optimizer = cfg.resume_reset_optimizer
     HiggsAudioTrainer.sample_log = (
         os.path.join(cfg.output_dir, "samples_rank{rank}.jsonl") if cfg.log_sample_ids else None
     )

@@ -9,6 +9,7 @@ writes the trained model's logits on one batch, for the export check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from higgs_ds.train.callbacks import DenseLogCallback, StopRequestCallback, Thro
 from higgs_ds.train.checkpoint import CheckpointError, is_complete, read_resume_state, stop_files, write_data_state
 from higgs_ds.train.loss import target_counts
 from higgs_ds.train.swift.env import ENV_LOG_SAMPLE_IDS, ENV_PEAK_TFLOPS, env_number
+from higgs_ds.train.swift.fresh_optimizer import reset_requested, weights_only_deepspeed_resume
 from higgs_ds.train.swift.universal import (
     group_settings,
     prepare_resume_at_new_size,
@@ -43,6 +45,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
     sample_log: str | None = None  # path for per-rank sample-id logs (TrainConfig.log_sample_ids)
     audio_samples: AudioSamples | None = None  # eval.generate: prompts generated at each evaluation
     peak_tflops: float = 0.0  # TrainConfig.peak_tflops; 0: $HIGGS_DS_PEAK_TFLOPS, else known GPUs
+    reset_optimizer: bool = False  # TrainConfig.resume_reset_optimizer (or $HIGGS_DS_RESUME_RESET_OPTIMIZER=1)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,6 +62,15 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
         self.stop_callback = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, StopRequestCallback))
         if self.sample_log is None and os.environ.get(ENV_LOG_SAMPLE_IDS, "") == "1":
             self.sample_log = os.path.join(self.args.output_dir, "samples_rank{rank}.jsonl")
+        self.reset_optimizer = reset_requested(self.reset_optimizer)
+        if getattr(self.args, "resume_only_model", False) and isinstance(self.train_dataset, ShardStream):
+            # ms-swift's resume_only_model drops the checkpoint's data position: the epoch would start again
+            raise CheckpointError(
+                "--resume_only_model would restart the shard stream at the epoch's first sample (ms-swift skips "
+                "the saved data position): set resume_reset_optimizer = true (or "
+                "HIGGS_DS_RESUME_RESET_OPTIMIZER=1 with swift sft) to keep the weights, schedule and data "
+                "position with a fresh optimizer"
+            )
 
     def get_train_dataloader(self, skip_batches=0):
         stream = self.train_dataset
@@ -120,13 +132,19 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
                 "trainer_state.json after a full disk): resume from an earlier checkpoint-N of the run, or "
                 'set resume = "auto" to take the newest complete one'
             )
-        # saved on another number of ranks: DeepSpeed's universal checkpoint (the data position is global)
-        self._new_size = isinstance(resume, str) and prepare_resume_at_new_size(self, resume)
+        # saved on another number of ranks: DeepSpeed's universal checkpoint (the data position is global);
+        # with resume_reset_optimizer only the weights are read, at any number of ranks
+        self._reset = isinstance(resume, str) and self.reset_optimizer
+        self._new_size = isinstance(resume, str) and not self._reset and prepare_resume_at_new_size(self, resume)
+        if self._reset:
+            logger.info(f"resume_reset_optimizer: resuming from the weights of {resume} with a fresh optimizer")
         stop_file = Path(self.args.output_dir) / "STOP"
         if self.args.process_index == 0 and stop_file.exists():
             stop_file.unlink()
             logger.info(f"removed a stop request left by an earlier run: {stop_file}")
-        result = super().train(*args, **kwargs)
+        weights_only = self._reset and self.is_deepspeed_enabled
+        with weights_only_deepspeed_resume(self) if weights_only else contextlib.nullcontext():
+            result = super().train(*args, **kwargs)
         if self.stop_callback.stopped:
             logger.info(
                 f"stopped on request at step {self.state.global_step}; its checkpoint is saved and the "
@@ -143,6 +161,9 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
         return optimizer
 
     def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is not None and getattr(self, "_reset", False) and not self.is_deepspeed_enabled:
+            self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+            return  # the schedule continues; optimizer.pt is not read (resume_reset_optimizer)
         super()._load_optimizer_and_scheduler(checkpoint)  # with DeepSpeed: loaded already, by the engine
         if checkpoint is not None and getattr(self, "_new_size", False) and self.is_deepspeed_enabled:
             changed = restore_group_settings(self.optimizer, self._group_settings)

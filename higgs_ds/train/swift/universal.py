@@ -87,7 +87,8 @@ def _convert(source: Path, universal: Path, stage: int) -> None:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise CheckpointError(
             f"DeepSpeed could not convert {source} to its universal format (exit {done.returncode}; {log}: "
-            f"{' | '.join(tail)}): resume on the {_saved(source)} ranks it was saved on"
+            f"{' | '.join(tail)}): resume on the {_saved(source)} ranks it was saved on, or set "
+            "resume_reset_optimizer = true to continue from its weights with a fresh optimizer"
         )
 
 
