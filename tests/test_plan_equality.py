@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from higgs_ds.stream import plan as new
-from higgs_ds.stream import pyrandom
+from higgs_ds.stream import pydraws, pyrandom
 from tests.reference import plan_v1 as old
 
 
@@ -123,6 +123,21 @@ def test_cpython_streams_drawn_with_numpy_are_cpythons():
             x = list(range(100, 100 + n))
             random.Random(key).shuffle(x)
             assert pyrandom.shuffled(key, range(100, 100 + n)).tolist() == x
+
+
+@pytest.mark.parametrize("key", ["0/0/mix/1", "x"])
+def test_the_sample_set_is_cpythons_random_sample(key):
+    """Both of random.sample's branches: k = 500 of 1000 fills a pool (a list of 1000 is smaller than a set
+    of 500); k <= 5, or 8,000 of 100,000, draws with a set of repeats (there the two branches' results differ,
+    so taking the wrong one fails); k = 0 and k = n; random sizes."""
+    rng = random.Random(key)
+    cases = [(0, 0), (1, 0), (1, 1), (2, 2), (7, 3), (1000, 500), (1000, 5), (1000, 1000), (100_000, 8000),
+             (50_000, 2000), (4097, 2048)]  # fmt: skip
+    cases += [(n, rng.randint(0, n)) for n in (rng.randint(1, 50_000) for _ in range(30))]
+    cases += [(n, rng.randint(0, n // 20)) for n in (rng.randint(100, 50_000) for _ in range(30))]
+    for n, k in cases:
+        want = sorted(random.Random(key).sample(range(n), k))
+        assert pydraws.sample_set(key, n, k).tolist() == want, (n, k)
 
 
 def test_preflight_totals_equal_the_sum_over_ranks():

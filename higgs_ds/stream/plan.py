@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from higgs_ds.errors import UserError
+from higgs_ds.stream.pydraws import sample_set
 from higgs_ds.stream.pyrandom import random_floats, shuffled
 
 Position = tuple[int, int]  # (shard number in the shard list, sample number in the shard)
@@ -282,7 +283,7 @@ def _units(samples: _Samples, seed: int, epoch: int, weights) -> tuple[list, lis
         take = round((w - full) * size)
         offsets = np.concatenate([[0], np.cumsum(samples.sizes[shards])])
         # a (seed, epoch)-chosen subset of the set: a different one each epoch, so all are seen over epochs
-        chosen = np.sort(np.asarray(random.Random(f"{seed}/{epoch}/mix/{d}").sample(range(size), take), dtype=np.int64))
+        chosen = sample_set(f"{seed}/{epoch}/mix/{d}", size, take)  # sorted(random.Random(key).sample(...))
         # chosen is sorted: shard k's samples are one slice of it, between its offsets
         bounds = np.searchsorted(chosen, offsets).tolist()
         for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
