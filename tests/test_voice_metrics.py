@@ -267,3 +267,42 @@ def test_asr_transcribes_past_whispers_30_s_window_and_refuses_a_judge_without_t
     assert judge.transcribe([wave], SR, language="en")  # within 30 s nothing changes
     with pytest.raises(UserError, match=f"35.0 s is longer than Whisper's 30 s window.*{stampless}.*timestamp"):
         judge.transcribe([long_wave], SR, language="en")
+
+
+def test_score_waves_pairs_each_wave_with_its_text_reference_and_recording(tiny_judges):
+    from higgs_ds.eval.scoring import score_waves
+
+    dirs, judges = tiny_judges
+    items = demo_waves(DEMO_IDS)
+    texts, waves = [t for t, _ in items], [w for _, w in items]
+    refs = [waves[2], waves[2], None]  # two items judged against one speaker reference, one against none
+    seconds = [M.speech_seconds(w, SR) for w in waves]
+    scored = score_waves(
+        waves, SR, texts, ["en"] * 3, judges, speaker_refs=refs, target_seconds=[seconds[0], None, 2.0]
+    )
+
+    heard = judges["asr"].transcribe(waves, SR, language="en")  # the judges called directly: an independent path
+    emb = judges["speaker"].embed(waves, SR)
+    mos = judges["mos"].score(waves, SR)
+    for i, item in enumerate(scored):
+        ref = M.normalize_text(texts[i], "en", judges["asr"].spelling)
+        hyp = M.normalize_text(heard[i], "en", judges["asr"].spelling)
+        assert item.row["transcript"] == heard[i]
+        assert item.scores.wer.errors == _levenshtein(ref.split(), hyp.split())
+        assert item.scores.cer.errors == _levenshtein(list(ref), list(hyp))
+        assert item.row["mos"] == pytest.approx(float(mos[i]), abs=1e-5)
+        chars = len(ref.replace(" ", ""))
+        assert item.row["speaking_rate"] == pytest.approx(chars / seconds[i])
+    ref_emb = judges["speaker"].embed([waves[2]], SR)[0]  # the reference, embedded on its own (no batch padding)
+    by_hand = float(emb[0] @ ref_emb / np.linalg.norm(emb[0]) / np.linalg.norm(ref_emb))
+    assert scored[0].scores.sim == pytest.approx(by_hand, abs=1e-5)
+    assert scored[2].scores.sim is None  # no reference: no SIM, not a made-up one
+    assert scored[0].scores.duration_ratio == pytest.approx(1.0)  # its own recording
+    assert scored[1].scores.duration_ratio is None and scored[2].scores.duration_ratio == pytest.approx(seconds[2] / 2)
+
+    bare = score_waves(waves[:1], SR, texts[:1], ["en"], {})  # no judges: the audio measures alone
+    assert bare[0].scores.wer is None and bare[0].scores.sim is None and bare[0].scores.mos is None
+    assert bare[0].scores.speaking_rate == pytest.approx(scored[0].scores.speaking_rate)
+    noise = np.random.default_rng(0).standard_normal(len(waves[0])).astype(np.float32) * 0.1
+    (loud,) = score_waves([noise], SR, texts[:1], ["en"], {})
+    assert loud.scores.syllable_rate < 0.5 * scored[0].scores.syllable_rate  # noise has no syllables
