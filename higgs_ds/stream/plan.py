@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from higgs_ds.errors import UserError
-from higgs_ds.stream.pydraws import sample_set
-from higgs_ds.stream.pyrandom import random_floats, shuffled
+from higgs_ds.stream.pydraws import float_chunks, sample_set
+from higgs_ds.stream.pyrandom import shuffled
 
 Position = tuple[int, int]  # (shard number in the shard list, sample number in the shard)
 NO_LIMIT = 1 << 62
@@ -227,33 +227,51 @@ class _Samples:
         s = np.searchsorted(self.starts, flat, side="right") - 1
         return np.stack([s, flat - self.starts[s]], axis=1)
 
-    def speaker_keys(self) -> np.ndarray:
-        """Per sample, an int64 equal for two samples exactly when they have the same directory and speaker."""
-        keys, tables = [], {}
+    def dataset_of_samples(self) -> np.ndarray:
+        """Per sample, its data set (the smallest int type that holds them: 1 byte a sample)."""
+        small = np.int8 if len(self.dataset) == 0 or self.dataset.max() < 127 else np.int64
+        return np.repeat(self.dataset.astype(small), self.sizes)
+
+    def speaker_keys(self, flat: np.ndarray) -> np.ndarray:
+        """For these samples, a number >= 0 equal for two samples exactly when they have the same directory and
+        speaker: the speaker's key within its directory (its id + 1 in the directory's table; 0 for none)
+        plus an offset per directory past the keys of the directories before it."""
+        local, tables = [], {}
         for r in self.refs:
             spk = r.speakers
             if isinstance(spk, np.ndarray):
-                ids = spk.astype(np.int64) + 1  # -1 (none) -> 0, the key None gets below
+                local.append(spk)  # -1 (none) + 1 below -> 0
             else:
                 table = tables.setdefault(r.dataset, {None: 0})
-                ids = np.array([table.setdefault(x, len(table)) for x in spk], dtype=np.int64)
-            keys.append(ids + (r.dataset << 32))
-        return _concat(keys)
+                local.append(np.array([table.setdefault(x, len(table)) for x in spk], dtype=np.int64) - 1)
+        keys = _concat(local)[flat].astype(np.int64) + 1
+        dataset = self.dataset_of_samples()[flat]
+        top = np.zeros(int(self.dataset.max(initial=0)) + 1, dtype=np.int64)
+        np.maximum.at(top, dataset, keys)
+        offset = np.concatenate([[0], np.cumsum(top + 1)[:-1]])
+        keys += offset[dataset]
+        return keys
 
     def clone_parts(self) -> np.ndarray:
-        """(n, 2) int64: (head, pair); (-1, -1) not plain TTS; (-2, -2) plain but built without lengths."""
+        """(n, 2) int32 (int64 from tuples): (head, pair); (-1, -1) not plain TTS; (-2, -2) plain but built
+        without lengths."""
         parts = []
         for r in self.refs:
             cp = r.clone_parts
             if isinstance(cp, np.ndarray):
-                parts.append(cp.astype(np.int64).reshape(-1, 2))
+                parts.append(cp.reshape(-1, 2))
             else:
                 parts.append(np.array([_part_row(p) for p in cp], dtype=np.int64).reshape(-1, 2))
         return _concat(parts).reshape(-1, 2)
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, dtype=np.int64)
+    """The arrays as one, made once: int32 where every part is of 32 bits or fewer (the index's arrays are),
+    else int64."""
+    if not arrays:
+        return np.zeros(0, dtype=np.int64)
+    narrow = all(a.dtype.kind in "iub" and a.dtype.itemsize <= 4 and a.dtype != np.uint32 for a in arrays)
+    return np.concatenate(arrays, dtype=np.int32 if narrow else np.int64, casting="unsafe")
 
 
 def _part_row(p) -> tuple[int, int]:
@@ -317,7 +335,11 @@ def _order(samples: _Samples, seed: int, epoch: int, weights) -> tuple[np.ndarra
         inner = range(int(samples.sizes[s])) if chosen is None else chosen
         key = f"{seed}/{epoch}/{s}" if p == 0 else f"{seed}/{epoch}/{s}/{p}"
         parts.append(shuffled(key, inner) + samples.starts[s])
-    return _concat(parts), mix
+    if not parts:
+        return np.zeros(0, dtype=np.int64), mix
+    # flat sample numbers fit in int32 below 2^31 samples: half the memory of every array indexed by them
+    flat = np.int32 if samples.starts[-1] < 1 << 31 else np.int64
+    return np.concatenate(parts, dtype=flat), mix
 
 
 def epoch_order(refs: list[ShardRef], seed: int, epoch: int, weights=None) -> tuple[list[Position], list[dict]]:
@@ -376,60 +398,106 @@ def _choose_references(samples: _Samples, order: np.ndarray, fraction: float, se
             "lacks (built by an older higgs-ds): rebuild the shards with this version of `higgs-ds shards build`"
         )
     parts = samples.clone_parts()
-    shard_of = np.repeat(np.arange(len(refs)), samples.sizes)
-    unsized = [r.lengths is not None for r in refs]
-    bad = np.flatnonzero((parts[:, 0] == -2) & np.array(unsized, dtype=bool)[shard_of])
+    plain_unsized = np.flatnonzero(parts[:, 0] == -2)
+    shard = np.searchsorted(samples.starts, plain_unsized, side="right") - 1
+    bad = shard[np.array([r.lengths is not None for r in refs], dtype=bool)[shard]]
     if bad.size:
         raise PlanError(
-            f"{refs[shard_of[bad[0]]].path}'s index has expanded lengths but not those of its turns (clone_parts), "
+            f"{refs[bad[0]].path}'s index has expanded lengths but not those of its turns (clone_parts), "
             "which planning with references needs: rebuild the shards with `higgs-ds shards build --tokenizer MODEL`"
         )
-    eligible = np.flatnonzero(parts[:, 0] != -1)
-    # speakers (groups) in the order of their first sample, members in index order
-    _, first, inverse = np.unique(samples.speaker_keys()[eligible], return_index=True, return_inverse=True)
-    rank_of_group = np.empty(len(first), dtype=np.int64)
-    rank_of_group[np.argsort(first)] = np.arange(len(first))
-    by_group = np.lexsort((eligible, rank_of_group[inverse]))
-    member, group = eligible[by_group], rank_of_group[inverse][by_group]
-    group_size = np.bincount(group, minlength=len(first))
-    group_start = np.concatenate([[0], np.cumsum(group_size)])[group]
-    own = np.arange(len(member)) - group_start
-    draw, pick = _clone_draws(samples.dataset[shard_of[member]], seed, epoch)
+    groups = _speaker_groups(samples, np.flatnonzero(parts[:, 0] != -1))
+    member, group = groups.member, groups.group
+    size_of = groups.size[group]
+    drawn, j = _clone_draws(samples.dataset_of_samples()[member], size_of, fraction, seed, epoch)
     present = np.zeros(len(parts), dtype=bool)
     present[order] = True
     here = present[member]
-    drawn = here & (draw < fraction)
-    lonely = drawn & (group_size[group] < 2)
-    j = (pick * (group_size[group] - 1)).astype(np.int64)
-    candidate = drawn & ~lonely
-    ref = member[np.where(candidate, group_start + np.where(j < own, j, j + 1), np.arange(len(member)))]
+    del present
+    drawn &= here
+    lonely = drawn & (size_of < 2)
+    # the candidates' references: the j-th other member of the group (skipping the sample itself)
+    at = np.flatnonzero(drawn & ~lonely)
+    own = at - groups.start[group[at]]
+    keys = member[at]
+    values = member[groups.start[group[at]] + np.where(j[at] < own, j[at], j[at] + 1)]
     length = samples.lengths
+    too_long = 0
     with_ref = None
-    too_long = np.zeros(len(member), dtype=bool)
     if length is not None:
-        with_ref = _ceil8(parts[member, 0] + parts[member, 1] + parts[ref, 1])
-        too_long = candidate & (with_ref > limit)
-    cloned = candidate & ~too_long
-    counts = {"eligible": int(here.sum()), "drawn": int(drawn.sum()), "cloned": int(cloned.sum()),
-              "lonely": int(lonely.sum()), "too_long": int(too_long.sum())}  # fmt: skip
-    keys, values = member[cloned], ref[cloned]
+        head, pair = parts[:, 0].astype(np.int64), parts[:, 1]
+        with_ref = _ceil8(head[keys] + pair[keys] + pair[values])
+        fits = with_ref <= limit
+        too_long = len(fits) - int(fits.sum())
+        keys, values, with_ref = keys[fits], values[fits], with_ref[fits]
+    counts = {"eligible": int(here.sum()), "drawn": int(drawn.sum()), "cloned": len(keys),
+              "lonely": int(lonely.sum()), "too_long": too_long}  # fmt: skip
     sort = np.argsort(keys)
     lengths = None
     if length is not None:
-        lengths = length.copy()
-        lengths[member[cloned]] = with_ref[cloned]
+        wide = with_ref.size and with_ref.max() > np.iinfo(length.dtype).max
+        lengths = length.astype(np.int64) if wide else length.copy()
+        lengths[keys] = with_ref
     return _Cloning(keys[sort], values[sort], lengths, counts)
 
 
-def _clone_draws(dataset_of_member: np.ndarray, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each member's two random() values from its set's stream, in member order within the set."""
-    draw = np.empty(len(dataset_of_member))
-    pick = np.empty(len(dataset_of_member))
+@dataclass
+class _Groups:
+    """Eligible samples by speaker: groups in the order of their first sample, members in index order."""
+
+    member: np.ndarray  # flat sample numbers, group after group
+    group: np.ndarray  # per member, its group's number
+    start: np.ndarray  # per group, where its members start in `member`
+    size: np.ndarray  # per group, how many members
+
+
+def _speaker_groups(samples: _Samples, eligible: np.ndarray) -> _Groups:
+    """One stable sort of the speaker keys (two 16-bit radix passes) gives each speaker's members as one run
+    in index order, its first sample at the run's start; the runs are then put in the order of those."""
+    keys = samples.speaker_keys(eligible)
+    by_key = _stable_argsort(keys)
+    sorted_keys = keys[by_key]
+    del keys
+    run_start = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
+    del sorted_keys
+    run_size = np.diff(np.append(run_start, len(by_key)))
+    rank = np.argsort(by_key[run_start])  # groups by their first sample (all distinct)
+    size = run_size[rank]
+    start = np.concatenate([[0], np.cumsum(size)[:-1]]).astype(np.int64)
+    # member t of group g is member t - start[g] of run rank[g]
+    at = np.repeat(run_start[rank] - start, size)
+    at += np.arange(len(at))
+    member = eligible[by_key[at]]
+    return _Groups(member, np.repeat(np.arange(len(size), dtype=np.int32), size), start, size)
+
+
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """np.argsort(keys, kind="stable") for keys >= 0, by numpy's radix sort of 16-bit keys (a pass per 16 bits
+    in use, least significant first) where they fit in 32 bits: 0.16 s a pass for 5M against 0.55 s."""
+    top = int(keys.max(initial=0))
+    if top >= 1 << 32:
+        return np.argsort(keys, kind="stable")
+    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    if top >= 1 << 16:
+        order = order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
+    return order
+
+
+def _clone_draws(dataset_of_member: np.ndarray, group_size: np.ndarray, fraction: float, seed: int,
+                 epoch: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Each member's two random() values from its set's stream, in member order within the set: whether it
+    draws a reference (the first < fraction) and which (int(second x (group size - 1)), the j-th other)."""
+    drawn = np.empty(len(dataset_of_member), dtype=bool)
+    j = np.empty(len(dataset_of_member), dtype=np.int32)
     for d in np.unique(dataset_of_member).tolist():
         at = np.flatnonzero(dataset_of_member == d)
-        values = random_floats(f"{seed}/{epoch}/clone/{d}", 2 * len(at))
-        draw[at], pick[at] = values[0::2], values[1::2]
-    return draw, pick
+        done = 0
+        for values in float_chunks(f"{seed}/{epoch}/clone/{d}", 2 * len(at)):
+            mine = at[done : done + len(values) // 2]
+            drawn[mine] = values[0::2] < fraction
+            j[mine] = (values[1::2] * (group_size[mine] - 1)).astype(np.int64)
+            done += len(mine)
+    return drawn, j
 
 
 class EpochLayout:

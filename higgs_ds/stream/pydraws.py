@@ -1,4 +1,5 @@
-"""CPython's `random.sample` of a range as the plan uses it (the chosen set), without its pool of Python ints.
+"""CPython's `random` draws as the plan uses them, made faster with the same results: `random.sample` of a
+range (the chosen set) without its pool of Python ints, and runs of `random()` values a chunk at a time.
 
 The fractional pass of a mixing weight is the set `random.Random(key).sample(range(n), k)` chose
 (tests/reference/plan_v1.py defines it that way), and at 5M samples CPython's sample takes ~3.7 s and a
@@ -13,7 +14,8 @@ list of n ints (~36 bytes each). The same draws are made here, in CPython's two 
   values below n, found with arrays.
 
 randbelow(m) is CPython's: getrandbits(m.bit_length()) until below m; getrandbits(b <= 32) is one 32-bit
-output shifted right by 32 - b. tests/test_plan_equality.py compares with random.sample.
+output shifted right by 32 - b; random() is two outputs a and b: ((a >> 5) * 2**26 + (b >> 6)) / 2**53.
+tests/test_plan_equality.py compares with random.sample and random().
 """
 
 from __future__ import annotations
@@ -68,3 +70,16 @@ def _set_branch(key: str, n: int, k: int) -> np.ndarray:
         if len(distinct) >= k:
             return distinct[np.argsort(first)[:k]]  # the first k distinct values drawn
         chunk *= 2
+
+
+def float_chunks(key: str, count: int, chunk: int = 1 << 20):
+    """The first `count` values of `random.Random(key).random()`, as float64 arrays of `chunk` (even, so that
+    pairs of values stay in one array) values at a time, the last shorter: a few MB at a time, not 32 bytes
+    a value at once."""
+    if chunk < 2 or chunk % 2:
+        raise ValueError(f"chunk must be even and >= 2, not {chunk}")
+    outputs = generator(key)
+    for done in range(0, count, chunk):
+        raw = outputs.random_raw(2 * min(chunk, count - done))
+        high, low = raw[0::2] >> np.uint64(5), raw[1::2] >> np.uint64(6)
+        yield (high.astype(np.float64) * 67108864.0 + low.astype(np.float64)) * (1.0 / 9007199254740992.0)
