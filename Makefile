@@ -19,15 +19,27 @@ install: $(STAMP)
 boson: $(BOSON_STAMP)
 
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 12 ] || \
+	  echo "==> warning: $$free GB free here; the two environments need about 12 GB (pip fails with 'No space left on device')"
 	@test -x $(PY) || { echo "==> creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
 	@echo "==> installing higgs-ds[native] (transformers 5.19) into $(VENV) (first time: about 4 minutes, ~7 GB)"
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[native,test]'
 	@touch $@
 	@echo "==> installed $(VENV)"
 
+# boson's environment pins the same torch 2.9.1 as .venv: where .venv is installed on the same filesystem,
+# its 4.3 GB of CUDA libraries (the nvidia-* packages) are hard-linked in instead of installed a second time
+# (pip then finds them installed; an uninstall in one environment only unlinks its own names).
+SITE = -c 'import sysconfig; print(sysconfig.get_path("purelib"))'
 $(BOSON_STAMP): pyproject.toml
 	@test -x $(BOSON_PY) || { echo "==> creating $(BOSON_VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(BOSON_VENV); }
-	@echo "==> installing higgs-ds[boson] (boson_multimodal 0.1.1, transformers 4.46.3) into $(BOSON_VENV) (about 4 minutes)"
+	@src=$$(test -f $(STAMP) && $(PY) $(SITE)); dst=$$($(BOSON_PY) $(SITE)); \
+	if [ -n "$$src" ] && [ -d "$$src/nvidia" ] && [ ! -e "$$dst/nvidia" ]; then \
+	  if cp -al "$$src"/nvidia "$$src"/nvidia_*.dist-info "$$dst"/ 2>/dev/null; then \
+	    echo "==> $(BOSON_VENV) shares $(VENV)'s CUDA libraries (nvidia-*, hard links: no second copy)"; \
+	  else rm -rf "$$dst"/nvidia "$$dst"/nvidia_*.dist-info; fi; \
+	fi
+	@echo "==> installing higgs-ds[boson] (boson_multimodal 0.1.1, transformers 4.46.3) into $(BOSON_VENV) (about 3 minutes, ~4 GB)"
 	$(BOSON_PY) -m pip install $(PIP_FLAGS) -e '.[boson,test]'
 	@touch $@
 	@echo "==> installed $(BOSON_VENV)"
