@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from higgs_ds.stream import elastic
@@ -143,3 +144,51 @@ def test_the_chain_with_one_segment_is_the_plan_itself():
         rank = rng.randrange(world)
         resumed = elastic.resumed_plan(layout, [(world, 0)], rank, world)
         assert resumed.batches == layout.rank_plan(rank).batches
+
+
+def _split_to_multiple(seq: list[list], world: int) -> list[list]:
+    """The module's rule on lists: split the largest batches (ties: the earlier) in place until the count is a
+    multiple of `world`; when none has two samples, add the first sample alone at the end."""
+    while len(seq) % world:
+        need = world - len(seq) % world
+        big = sorted((k for k in range(len(seq)) if len(seq[k]) > 1), key=lambda k: -len(seq[k]))[:need]
+        if not big:
+            seq = seq + [[seq[0][0]]] * need
+        for k in sorted(big, reverse=True):
+            seq[k : k + 1] = [seq[k][: len(seq[k]) // 2], seq[k][len(seq[k]) // 2 :]]
+    return seq
+
+
+def _rest_by_lists(layout, segments, world):
+    """Every old rank's own plan, read in global order (rank r's batch k is batch k x W + r), cut and
+    split by the segments as lists."""
+    plans = [layout.rank_plan(r) for r in range(layout.world)]
+    seq = [list(plans[g % layout.world].batches[g // layout.world]) for g in range(layout.world * layout.target)]
+    for i, (seg_world, done) in enumerate(segments):
+        if i:
+            seq = _split_to_multiple(seq, seg_world)
+        seq = seq[seg_world * done :]
+    return _split_to_multiple(seq, world)
+
+
+@pytest.mark.parametrize("cloning", [False, True])
+def test_a_resume_at_scale_deals_the_old_ranks_batches(cloning):
+    """Thousands of samples on 16 ranks (budget batches packed by the vector path, cloning + mixing), resumed
+    twice at other sizes: each rank's batches are those the old ranks' own plans give, cut as lists."""
+    rng = np.random.default_rng(3)
+    refs = []
+    for s in range(24):
+        lengths = (rng.integers(8, 256, 300) // 8 * 8).astype(np.int32)
+        parts = np.stack([np.full(300, 8), lengths - 8], axis=1).astype(np.int32)
+        refs.append(new.ShardRef(f"set{s % 2}/shard-{s}.tar", 300, lengths, dataset=s % 2,
+                                 speakers=rng.integers(0, 9, 300).astype(np.int32), clone_parts=parts))  # fmt: skip
+    mixing = {"weights": (1.0, 0.6), "clone_references": 0.4} if cloning else {}
+    cfg = new.BatchingConfig(max_tokens=1024, max_length=384, window=64, **mixing)
+    layout = new.EpochLayout(refs, cfg, seed=4, epoch=1, world_size=16)
+    assert layout._packed is not None and 16 * -(-layout.per_rank // 64) >= new._VECTOR_WINDOWS
+    segments = [(16, layout.target // 3), (11, 7)]
+    for world in (5, 16):
+        want = _rest_by_lists(layout, segments, world)
+        for rank in range(world):
+            got = elastic.resumed_plan(layout, segments, rank, world).batches
+            assert [list(b) for b in got] == want[rank::world], (world, rank)

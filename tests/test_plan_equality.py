@@ -140,6 +140,43 @@ def test_the_sample_set_is_cpythons_random_sample(key):
         assert pydraws.sample_set(key, n, k).tolist() == want, (n, k)
 
 
+def _equalise_loop(segments, target):
+    """The definition (the plan's loop before it was vectorised): split the largest batch (the first of the
+    largest) in place until there are `target`; when none has two samples, add the first sample alone."""
+    segments, splits, repeats = list(segments), 0, 0
+    while len(segments) < target:
+        largest = max(range(len(segments)), key=lambda k: segments[k][1] - segments[k][0])
+        a, b = segments[largest]
+        if b - a > 1:
+            segments[largest : largest + 1] = [(a, a + (b - a) // 2), (a + (b - a) // 2, b)]
+            splits += 1
+        else:
+            segments.append((segments[0][0], segments[0][0] + 1))
+            repeats += 1
+    return segments, splits, repeats
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_equalising_all_ranks_at_once_is_the_loop_per_rank(seed):
+    """Random batch sizes per rank (ties, sizes of one, ranks that need no split, need more than can split)."""
+    rng = random.Random(seed)
+    ranks = [[rng.choice([1, 1, 2, 3, 4, 7, 8, 16, 33, 64]) for _ in range(rng.randint(1, 12))] for _ in range(6)]
+    target = max(len(r) for r in ranks) + rng.choice([0, 1, 3, 10, 40, 200])
+    group, a, b = [], [], []
+    for g, sizes in enumerate(ranks):
+        ends = np.cumsum(sizes)
+        group += [g] * len(sizes)
+        a += (ends - sizes).tolist()
+        b += ends.tolist()
+    spans = new._equalise_spans(np.array(group), np.array(a), np.array(b), len(ranks), target)
+    for g, sizes in enumerate(ranks):
+        ends = np.cumsum(sizes).tolist()
+        want, splits, repeats = _equalise_loop(zip([0] + ends[:-1], ends), target)
+        mine = spans.group == g
+        assert list(zip(spans.a[mine].tolist(), spans.b[mine].tolist())) == want, (sizes, target)
+        assert (spans.splits[g], spans.repeats[g]) == (splits, repeats)
+
+
 def test_preflight_totals_equal_the_sum_over_ranks():
     rng = random.Random(5)
     olds, _, sets = _shards(rng, True)
@@ -150,3 +187,12 @@ def test_preflight_totals_equal_the_sum_over_ranks():
                  for r in range(world)]  # fmt: skip
         assert layout.total_repeated() == sum(p.num_repeated for p in plans)
         assert layout.target == len(plans[0].batches)
+
+
+@pytest.mark.parametrize("top", [5, 70_000, 1 << 33])
+def test_the_radix_argsort_is_numpys_stable_argsort(top):
+    """One 16-bit pass, two, and the int64 sort; by rows (the windows' sort) and flat (speaker keys)."""
+    rng = np.random.default_rng(top)
+    for shape in [(0,), (1000,), (7, 300)]:
+        keys = rng.integers(0, top, shape)
+        assert (new._stable_argsort(keys) == np.argsort(keys, axis=-1, kind="stable")).all(), shape

@@ -23,82 +23,77 @@ from higgs_ds.stream.plan import EpochLayout, EpochPlan, PlanError
 
 @dataclass(frozen=True)
 class GlobalBatches:
-    """Micro-batches in global order: batch j is the flat sample numbers rows[starts[j]:starts[j + 1]]."""
+    """Micro-batches in global order, each a span of one rank's rows in the epoch's layout (what
+    EpochLayout.rank_spans spans): batch j is rows begin[j] .. begin[j] + size[j] - 1 of the ranks' rows
+    back to back (rank r's rows are r x per_rank onwards). Spans, not samples: a resume needs every batch's
+    size, but the samples of this rank's batches alone."""
 
-    rows: np.ndarray
-    starts: np.ndarray
+    begin: np.ndarray
+    size: np.ndarray
     repeated: np.ndarray  # bool per batch: a batch of one repeated sample, added to equalise
     split: np.ndarray  # bool per batch: the second half of a batch split to equalise (one per split)
 
     def __len__(self) -> int:
-        return len(self.starts) - 1
+        return len(self.size)
 
     def sizes(self) -> np.ndarray:
-        return np.diff(self.starts)
+        return self.size
 
     def suffix(self, first: int) -> "GlobalBatches":
         """Batches first, first + 1, ... (what is left after `first` were consumed)."""
-        base = self.starts[first]
-        return GlobalBatches(self.rows[base:], self.starts[first:] - base, self.repeated[first:], self.split[first:])
+        return self.select(slice(first, None))
 
-    def select(self, ids: np.ndarray) -> "GlobalBatches":
-        sizes = self.sizes()[ids]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        return GlobalBatches(_gather(self.rows, self.starts[ids], sizes), starts, self.repeated[ids], self.split[ids])
+    def select(self, ids) -> "GlobalBatches":
+        return GlobalBatches(self.begin[ids], self.size[ids], self.repeated[ids], self.split[ids])
 
-
-def _gather(rows: np.ndarray, begins: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """rows[b:b + n] for each (b, n), concatenated, without a Python loop."""
-    total = int(sizes.sum())
-    if not total:
-        return rows[:0]
-    out_starts = np.cumsum(sizes) - sizes
-    return rows[np.repeat(begins - out_starts, sizes) + np.arange(total)]
+    def rows(self, layout: EpochLayout) -> tuple[np.ndarray, np.ndarray]:
+        """The batches' flat sample numbers and where each batch starts in them."""
+        rank, a = np.divmod(self.begin, layout.per_rank)
+        starts = np.concatenate([[0], np.cumsum(self.size)]).astype(np.int64)
+        return layout.span_rows(rank, a, a + self.size), starts
 
 
 def epoch_batches(layout: EpochLayout) -> GlobalBatches:
-    """The epoch's plan at layout.world ranks as one global sequence (rank r's batch k is batch k*W + r).
-    Every rank's batches are formed: O(samples), once per elastic resume."""
-    parts = [layout.rank_rows(r) for r in range(layout.world)]
-    world, per_rank = layout.world, layout.target
-    sizes = np.stack([np.diff(starts) for _, starts, _, _ in parts])  # world x target
-    offsets = np.cumsum([0] + [len(rows) for rows, _, _, _ in parts[:-1]])
-    begins = np.stack([starts[:-1] for _, starts, _, _ in parts]) + offsets[:, None]
+    """The epoch's plan at layout.world ranks as one global sequence (rank r's batch k is batch k*W + r):
+    every rank's batch sizes, all ranks at once, O(batches); no sample is looked at."""
+    world, target = layout.world, layout.target
+    spans = layout.rank_spans(np.arange(world))  # rank after rank, `target` batches each
+    begin = (spans.group * layout.per_rank + spans.a).reshape(world, target)
+    size = (spans.b - spans.a).reshape(world, target)
+    none = np.zeros(world * target, dtype=bool)
     # global batch k*W + r: transpose to (target, world), then flatten
-    sizes_g, begins_g = sizes.T.ravel(), begins.T.ravel()
-    rows = _gather(np.concatenate([rows for rows, _, _, _ in parts]), begins_g, sizes_g)
-    starts = np.concatenate([[0], np.cumsum(sizes_g)]).astype(np.int64)
-    none = np.zeros(world * per_rank, dtype=bool)
-    return GlobalBatches(rows, starts, none, none.copy())
+    return GlobalBatches(begin.T.ravel(), size.T.ravel(), none, none.copy())
 
 
 def equalise(batches: GlobalBatches, world: int) -> GlobalBatches:
     """Make the count a multiple of `world`: split the largest batches in two (ties: the earlier; the halves
-    stay in place), and only when no batch has two samples add batches of one repeated sample (the first
-    remaining sample) at the end."""
+    stay in place, the first keeps the batch's flags), and only when no batch has two samples add batches
+    of one repeated sample (the first remaining sample) at the end."""
     while len(batches) % world:
         need = world - len(batches) % world
-        sizes = batches.sizes()
+        sizes = batches.size
         splittable = np.flatnonzero(sizes > 1)
         if splittable.size:
-            largest = splittable[np.argsort(-sizes[splittable], kind="stable")[:need]]
-            halves = batches.starts[largest] + sizes[largest] // 2
-            # flags per start (the last start ends the last batch); a half sorts right after its batch's start
-            starts = np.concatenate([batches.starts, halves])
-            order = np.argsort(starts, kind="stable")
-            new = np.ones(len(halves), bool)
-            split = np.concatenate([batches.split, [False], new])[order][:-1]
-            repeated = np.concatenate([batches.repeated, [False], ~new])[order][:-1]
-            batches = GlobalBatches(batches.rows, starts[order], repeated, split)
+            cut = np.zeros(len(sizes), dtype=bool)
+            cut[splittable[np.argsort(-sizes[splittable], kind="stable")[:need]]] = True
+            copies = 1 + cut
+            second = (np.cumsum(copies) - copies)[cut] + 1
+            begin, size = np.repeat(batches.begin, copies), np.repeat(sizes, copies)
+            repeated, split = np.repeat(batches.repeated, copies), np.repeat(batches.split, copies)
+            half = sizes[cut] // 2
+            size[second - 1], size[second] = half, size[second] - half
+            begin[second] += half
+            split[second], repeated[second] = True, False
+            batches = GlobalBatches(begin, size, repeated, split)
         else:
             if not len(batches):
                 raise PlanError("no samples are left in the epoch to continue it with")
-            first = batches.rows[:1]
-            rows = np.concatenate([batches.rows, np.repeat(first, need)])
-            starts = np.concatenate([batches.starts, batches.starts[-1] + np.arange(1, need + 1)])
-            repeated = np.concatenate([batches.repeated, np.ones(need, bool)])
-            split = np.concatenate([batches.split, np.zeros(need, bool)])
-            batches = GlobalBatches(rows, starts, repeated, split)
+            batches = GlobalBatches(
+                np.concatenate([batches.begin, np.repeat(batches.begin[:1], need)]),
+                np.concatenate([batches.size, np.ones(need, dtype=batches.size.dtype)]),
+                np.concatenate([batches.repeated, np.ones(need, bool)]),
+                np.concatenate([batches.split, np.zeros(need, bool)]),
+            )
     return batches
 
 
@@ -125,5 +120,6 @@ def resumed_plan(layout: EpochLayout, segments: list[tuple[int, int]], rank: int
     if not 0 <= rank < world:
         raise PlanError(f"rank {rank} is outside world size {world}")
     rest = remaining_batches(layout, segments, world)
-    mine = rest.select(np.arange(rank, len(rest), world))
-    return layout.plan_of(mine.rows, mine.starts, repeated=int(mine.repeated.sum()), split=int(mine.split.sum()))
+    mine = rest.select(slice(rank, None, world))
+    rows, starts = mine.rows(layout)
+    return layout.plan_of(rows, starts, repeated=int(mine.repeated.sum()), split=int(mine.split.sum()))
