@@ -374,7 +374,7 @@ def _add_synthesize(sub) -> None:
     what.add_argument("--text", help="the text to say ([SPEAKERn] tags for a dialogue)")
     what.add_argument("--batch", help="a JSONL of prompts, one per line (fields below)")
     s.add_argument("--out", required=True, help="the folder to write into (made if missing)")
-    s.add_argument("--name", default="synthesis", help="with --text: the output name, NAME.wav (synthesis)")
+    s.add_argument("--name", default=None, help="with --text: the output name, NAME.wav (synthesis)")
     s.add_argument("--ref-audio", action="append", help="a voice reference recording (once per speaker)")
     s.add_argument("--ref-text", action="append", help="the transcript of the --ref-audio at the same position")
     s.add_argument("--scene", default=None, help="a scene description (the system turn's scene block)")

@@ -20,7 +20,7 @@ from higgs_ds.errors import UserError
 from higgs_ds.eval.synth_request import Defaults, Reference, SynthRequest, prompt_record, read_batch
 from higgs_ds.eval.synthesize import Sampling, encode_reference, find_codec, synthesize
 
-from .conftest import DEMO
+from .conftest import DEMO, demo_lines, write_manifest
 
 pytestmark = pytest.mark.both_envs
 
@@ -32,6 +32,7 @@ ALICE = "The birch canoe slid on the smooth planks."  # what alice_001.flac says
 BOB = "The soft cushion broke the man's fall."  # bob_002.flac
 DIALOGUE = "[SPEAKER0] Are you coming tonight? [SPEAKER1] Only if it stops raining."
 SCENE = "A quiet office, two colleagues talk."
+ALICE_REF = ["--ref-audio", str(AUDIO / "alice_001.flac"), "--ref-text", ALICE]
 # generate_codes' keyword arguments for Sampling() with max_new_frames=MAX, spelled out
 SETTINGS = dict(max_new_frames=MAX, temperature=0.7, top_k=None, top_p=0.95, ras_win_len=7, ras_win_max_num_repeat=2)
 
@@ -204,17 +205,21 @@ def test_codes_equal_generate_codes_on_a_hand_made_record(run, loaded, ref_codes
     assert [r["frames"] for r in entry["references"]] == [c.shape[1] for c in refs]
 
 
-def test_the_record_is_the_one_the_shards_hold(small_shards, tiny_model_dir, tiny_codec):
-    """The demo's cloning sample clone_alice_003 as `higgs-ds shards build` stored it, and the same request
+def test_the_record_is_the_one_the_shards_hold(tmp_path, tiny_model_dir, tiny_codec):
+    """The demo's cloning sample clone_alice_003 as `higgs-ds shards build` stores it, and the same request
     made to synthesize: the same prompt tokens and reference codes."""
     from transformers import AutoTokenizer
 
     from higgs_ds.eval.generate import prompt_from_record
+    from higgs_ds.shards.build import BuildConfig, build_shards
     from higgs_ds.stream.reader import load_index, read_shard
 
+    manifest = write_manifest(tmp_path / "data", demo_lines({"clone_alice_003"}))
+    shards = tmp_path / "shards"
+    build_shards([str(manifest)], str(shards), tiny_codec, BuildConfig(tokenizer=str(tiny_model_dir)), progress=False)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    records = [r for s in load_index(small_shards)["shards"] for _, r in read_shard(str(small_shards / s["file"]))]
-    stored = next(r for r in records if r["json"]["id"] == "clone_alice_003")
+    (stored,) = [r for s in load_index(shards)["shards"] for _, r in read_shard(str(shards / s["file"]))]
+    assert stored["json"]["id"] == "clone_alice_003"
     messages = stored["json"]["messages"]
     ref = Reference(str(AUDIO / "alice_002.flac"), messages[1]["content"])
     request = SynthRequest("clone_alice_003", messages[3]["content"], (ref,))
@@ -283,6 +288,10 @@ def test_cli_text_mode(tiny_model_dir, tmp_path, capsys):
         (["--text", "hi", "--name", "../up"], "id '../up' cannot name an output file"),
         (["--batch", "/nonexistent/prompts.jsonl"], "prompts file not found: /nonexistent/prompts.jsonl"),
         (["--text", "hi", "--ref-audio", "/nonexistent/me.wav", "--ref-text", "t"], "/nonexistent/me.wav"),
+        (["--text", "hi", *ALICE_REF, "--max-reference-seconds", "1"], "over --max-reference-seconds 1 (cut it"),
+        (["--text", "hi", "--seed", "-1"], "--seed must be an integer"),
+        (["--text", "hi", "--max-seconds", "nan"], "--max-seconds must be a positive number"),
+        (["--batch", "p.jsonl", "--name", "x"], "--name names the --text output"),
     ],
 )
 def test_cli_bad_input_is_one_line_naming_it(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):

@@ -222,7 +222,10 @@ def encode_reference(codec, path: str, max_seconds: float) -> np.ndarray:
     from higgs_ds.shards.audio import load_audio
 
     rate, hop = codec.provenance["sample_rate"], codec.provenance["hop_length"]
-    wave = load_audio(path, rate, max_seconds=max_seconds, min_seconds=hop / rate)
+    try:
+        wave = load_audio(path, rate, max_seconds=max_seconds, min_seconds=hop / rate)
+    except UserError as err:  # the loader names the shard builder's limit; here it is this flag
+        raise UserError(str(err).replace("--max-seconds", "--max-reference-seconds")) from None
     return codec.encode(wave)
 
 
@@ -365,10 +368,6 @@ def synthesize(
     outputs, reference audio that cannot be used, text the tokenizer refuses) join `refused`. Returns
     {"written": [manifest entries], "refused": [Refusal], "manifest": path}. Nothing is loaded for a run
     whose requests are all refused."""
-    from tqdm import tqdm
-
-    from higgs_ds.eval.generate import decode, generate_codes
-
     sampling.check()
     device = check_device(device)
     dtype_value = torch_dtype(dtype, device)
@@ -388,17 +387,29 @@ def synthesize(
             model = load_model(model_path, family, dtype_value, device)
             check_geometry(model, codec_obj)
             ctx = _Context(model_path, family, device, str(dtype_value).removeprefix("torch."), sampling)
-            bar = tqdm(ready, desc="synthesize", unit="prompt", disable=None if progress is None else not progress)
-            for request, record in bar:
-                codes = generate_codes(
-                    model, tokenizer, record, seed=request.seed, synced_gpus=False, **sampling.generate_kwargs()
-                )
-                wave = decode(codec_obj, codes)
-                entry = _entry(request, record, codes, wave, codec_obj, ctx)
-                path = outputs.write(request.name, wave, codes, entry["sample_rate"], entry)
-                written.append(entry)
-                say(_written_message(request, path, entry, sampling.max_new_frames))
+            written = _generate_all(ready, model, tokenizer, codec_obj, outputs, ctx, progress, say)
     return {"written": written, "refused": refused, "manifest": str(outputs.manifest)}
+
+
+def _generate_all(ready, model, tokenizer, codec, outputs: Outputs, ctx: _Context, progress, say) -> list[dict]:
+    """Generate, decode and write each prepared request in turn; the manifest entries written."""
+    from tqdm import tqdm
+
+    from higgs_ds.eval.generate import decode, generate_codes
+
+    written = []
+    for request, record in tqdm(
+        ready, desc="synthesize", unit="prompt", disable=None if progress is None else not progress
+    ):
+        codes = generate_codes(
+            model, tokenizer, record, seed=request.seed, synced_gpus=False, **ctx.sampling.generate_kwargs()
+        )
+        wave = decode(codec, codes)
+        entry = _entry(request, record, codes, wave, codec, ctx)
+        path = outputs.write(request.name, wave, codes, entry["sample_rate"], entry)
+        written.append(entry)
+        say(_written_message(request, path, entry, ctx.sampling.max_new_frames))
+    return written
 
 
 # ------------------------------------------------------------------ the command line
@@ -415,6 +426,8 @@ def _cli_references(args) -> tuple[Reference, ...]:
 
 
 def _sampling(args) -> Sampling:
+    if args.max_frames is None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        raise UserError(f"--max-seconds must be a positive number, got {args.max_seconds}")
     frames = args.max_frames if args.max_frames is not None else math.ceil(args.max_seconds * FRAME_RATE)
     return Sampling(
         temperature=args.temperature,
@@ -428,11 +441,18 @@ def _sampling(args) -> Sampling:
 
 def run_cli(args) -> int:
     """`higgs-ds synthesize` (higgs_ds.cli): one --text, or a --batch JSONL; exit 2 when anything was refused."""
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {args.seed}")
+    if args.batch is not None and args.name is not None:
+        raise UserError("--name names the --text output; in a --batch each line names its own with 'id'")
+    if not (math.isfinite(args.max_reference_seconds) and args.max_reference_seconds > 0):
+        raise UserError(f"--max-reference-seconds must be a positive number, got {args.max_reference_seconds}")
     defaults = Defaults(_cli_references(args), args.scene, args.system, args.seed)
     sampling = _sampling(args)
     sampling.check()
     if args.text is not None:
-        request = SynthRequest(args.name, args.text, defaults.references, defaults.scene, defaults.system, args.seed)
+        name = args.name or "synthesis"
+        request = SynthRequest(name, args.text, defaults.references, defaults.scene, defaults.system, args.seed)
         try:
             request.check()
         except RequestError as err:
