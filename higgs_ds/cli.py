@@ -63,10 +63,22 @@ def _shards_build(args):
         tokenizer=args.tokenizer,
         codec_batch=args.codec_batch,
     )
-    summary = build_shards(args.manifests, args.out, args.codec, cfg, device=args.device)
-    print(json.dumps(summary, indent=1))
-    if "warning" in summary:  # the build succeeded: a warning is said, not an exit code
-        print(f"higgs-ds: warning: {summary['warning']}", file=sys.stderr)
+    parts = [(args.out, cfg)]
+    if (args.split is None) != (args.heldout_out is None):
+        raise UserError("--split and --heldout-out go together: the held-out part is written to --heldout-out")
+    if args.split is not None:
+        from dataclasses import replace
+
+        from higgs_ds.shards.split import HELDOUT, parse_split
+
+        parse_split(args.split)  # a bad spec is refused before anything is built
+        cfg = replace(cfg, split=args.split)
+        parts = [(args.out, cfg), (args.heldout_out, replace(cfg, split_part=HELDOUT))]
+    for out, part_cfg in parts:
+        summary = build_shards(args.manifests, out, args.codec, part_cfg, device=args.device)
+        print(json.dumps(summary, indent=1))
+        if "warning" in summary:  # the build succeeded: a warning is said, not an exit code
+            print(f"higgs-ds: warning: {summary['warning']}", file=sys.stderr)
     return 0
 
 
@@ -258,6 +270,13 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="equal-length clips per codec call (default: 16 on cuda, 1 on cpu, where batching does not pay)",
     )
+    s.add_argument(
+        "--split",
+        default=None,
+        help="hold out samples for evaluation: a FRACTION (0.05: by a hash of the sample id) or speakers=A,B "
+        "(whole speakers); deterministic, independent of order and slicing; needs --heldout-out",
+    )
+    s.add_argument("--heldout-out", default=None, help="with --split: the held-out part's shard directory")
     s.set_defaults(func=_shards_build, fast_fail=False)
 
     s = shards.add_parser("index", help="merge the slice indexes of a --slice build into index.json")
@@ -332,6 +351,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_preflight)
 
     _add_synthesize(sub)
+    from higgs_ds.eval.evaluate_cli import add_evaluate
+
+    add_evaluate(sub, EXIT_CODES_HELP)
 
     s = sub.add_parser("demo", help="the whole pipeline on the bundled demo corpus with a tiny model (2 CPU ranks)")
     s.add_argument("--workdir", default="runs/demo")

@@ -44,7 +44,9 @@ from higgs_ds.shards.manifest import (
     manifest_lines,
 )
 from higgs_ds.shards.sample_table import sidecar_name
+from higgs_ds.shards.split import TRAIN, Split, parse_split
 from higgs_ds.shards.writer import INDEX_NAME, REJECTS_NAME, ShardWriter, write_index
+from higgs_ds.stream.tokens import speaker_of
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,10 @@ class BuildConfig:
     resume: bool = False
     tokenizer: str | None = None
     """Model directory whose tokenizer gives exact expanded lengths (stored per sample and per shard)."""
+    split: str | None = None
+    """Hold out part of the samples (higgs_ds.shards.split: '0.05' or 'speakers=a,b'); see split_part."""
+    split_part: str = "train"
+    """With split: the part this build writes, train or heldout (the other part is counted, not encoded)."""
 
 
 class BuildError(UserError):
@@ -239,13 +245,23 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _chunks(manifests, start: int, end: int, size: int):
+@dataclass(frozen=True)
+class OtherPart:
+    """A sample of the split's other part: counted by this build, encoded by the other one."""
+
+    sample_id: str
+
+
+def _chunks(manifests, start: int, end: int, size: int, split: Split | None = None, part: str = TRAIN):
     chunk = []
     for ordinal, item in iter_manifests(manifests):
         if ordinal >= end:
             break
         if ordinal < start:
             continue
+        if split is not None and isinstance(item, ManifestSample):
+            if split.part_of(item.sample_id, speaker_of(item.chatml)) != part:
+                item = OtherPart(item.sample_id)
         chunk.append((ordinal, item))
         if len(chunk) == size:
             yield chunk
@@ -278,6 +294,7 @@ def build_fingerprint(manifests: list[str], codec_provenance: dict, cfg: BuildCo
             "shard_samples": cfg.shard_samples,
             "shard_bytes": cfg.shard_bytes,
             "min_shards": cfg.min_shards,
+            **({"split": [parse_split(cfg.split).spec(), cfg.split_part]} if cfg.split else {}),
         },
         "tokenizer": tokenizer,
     }
@@ -556,7 +573,7 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
         cfg = replace(cfg, shard_samples=max(1, min(cfg.shard_samples, (end - start) // cfg.min_shards)))
 
     writer = ShardWriter(out, max_samples=cfg.shard_samples, max_bytes=cfg.shard_bytes, name_pattern=pattern)
-    counts = {"accepted": 0, "rejected": 0, "audio_seconds": 0.0, "reasons": Counter()}
+    counts = {"accepted": 0, "rejected": 0, "other_part": 0, "audio_seconds": 0.0, "reasons": Counter()}
     next_ordinal = start
     state = states[-1] if states else None
     if state:
@@ -570,6 +587,8 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
             reasons=Counter(state["reasons"]),
         )
         next_ordinal = state["next_ordinal"]
+        # the split's other part is every line read so far that was neither accepted nor rejected
+        counts["other_part"] = next_ordinal - start - state["accepted"] - state["rejected"]
     rejects = _open_rejects(out, rejects_name, state)
 
     def on_shard(last_ordinal: int) -> None:
@@ -597,7 +616,8 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
         mininterval=2.0,
     )
     threads = max(1, (os.cpu_count() or 1) // max(cfg.workers, 1))
-    chunks = _chunks(manifests, next_ordinal, end, cfg.chunk)
+    split = parse_split(cfg.split) if cfg.split else None
+    chunks = _chunks(manifests, next_ordinal, end, cfg.chunk, split, cfg.split_part)
     if cfg.workers > 1:
         import multiprocessing as mp
 
@@ -622,6 +642,8 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
                     )
                     counts["rejected"] += 1
                     counts["reasons"][reason_kind(item.reason)] += 1
+                elif isinstance(item, OtherPart):
+                    counts["other_part"] += 1
                 else:
                     record, codes, seconds = item
                     counts["accepted"] += 1
@@ -642,10 +664,11 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
     rejects.flush()
     rejects.close()
     num_inputs = end - start
-    if counts["accepted"] + counts["rejected"] != num_inputs:  # an invariant of this function and the journal
+    if counts["accepted"] + counts["rejected"] + counts["other_part"] != num_inputs:  # this function's invariant
         raise CheckFailed(
-            f"accounting error in {out}: {counts['accepted']} accepted + {counts['rejected']} rejected != "
-            f"{num_inputs} inputs; start the build again in an empty --out directory"
+            f"accounting error in {out}: {counts['accepted']} accepted + {counts['rejected']} rejected + "
+            f"{counts['other_part']} of the split's other part != {num_inputs} inputs; start the build again in an "
+            "empty --out directory"
         )
     summary = {
         "inputs": num_inputs,
@@ -661,11 +684,16 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "inputs_fingerprint": inputs_digest(fingerprint),
     }
+    if split is not None:
+        summary["split"] = {"spec": split.spec(), "part": cfg.split_part, "other_part": counts["other_part"]}
     # rejects (complete: every line was read), then the index (the mark of a complete build), then the
     # journal goes: each step durable before the next
     publish(out / f".{rejects_name}.building", out / rejects_name)
     if not shards and cfg.num_slices == 1:
         top = ", ".join(f"{n} x {kind}" for kind, n in counts["reasons"].most_common(3))
+        if split is not None and counts["rejected"] == 0:
+            raise BuildError(f"--split {split.spec()} leaves no sample in the {cfg.split_part} part of the "
+                             f"{num_inputs} input lines: choose another split")  # fmt: skip
         raise BuildError(f"none of the {num_inputs} input lines was accepted ({top}); see {out / rejects_name}")
     write_index(out / index_name, shards, codec.provenance, summary, sidecar=cfg.num_slices == 1)  # slices: merged
     journal.path.unlink(missing_ok=True)
