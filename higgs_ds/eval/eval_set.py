@@ -41,7 +41,7 @@ def shard_items(shard_dirs: list[str], tokenizer, limit: int | None = None) -> l
             for _, record in read_shard(str(Path(d) / shard["file"])):
                 last = record["json"]["messages"][-1]
                 if last["role"] == "assistant" and has_audio(last["content"]):
-                    items.append(_item(record, tokenizer))
+                    items.append(shard_item(record, tokenizer))
                 if limit is not None and len(items) == limit:
                     return items
     if not items:
@@ -49,7 +49,8 @@ def shard_items(shard_dirs: list[str], tokenizer, limit: int | None = None) -> l
     return items
 
 
-def _item(record: dict, tokenizer) -> EvalItem:
+def shard_item(record: dict, tokenizer) -> EvalItem:
+    """One shard record (ending in an assistant audio turn) as an evaluation item."""
     meta = record["json"]
     prompt = prompt_from_record(record, tokenizer)
     frames = [int(a["frames"]) for a in meta["audio"]]
@@ -65,3 +66,12 @@ def _item(record: dict, tokenizer) -> EvalItem:
         target_codes=None if target is None else np.asarray(target, dtype=np.int64),
         reference_codes=np.asarray(record["codes"][:, :used], dtype=np.int64) if used else None,
     )
+
+
+def recordings(items: list[EvalItem], codec) -> tuple[list, list]:
+    """(target waves, SIM references): the prompt's voice reference when it clones, else the recording."""
+    from higgs_ds.eval.generate import decode
+
+    targets = [None if i.target_codes is None else decode(codec, i.target_codes) for i in items]
+    refs = [decode(codec, i.reference_codes) if i.reference_codes is not None else t for i, t in zip(items, targets)]
+    return targets, refs

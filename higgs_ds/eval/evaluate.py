@@ -31,7 +31,7 @@ import numpy as np
 
 from higgs_ds.errors import UserError
 from higgs_ds.eval import metrics as M
-from higgs_ds.eval.eval_set import EvalItem, shard_items
+from higgs_ds.eval.eval_set import recordings, shard_items
 from higgs_ds.eval.scoring import ScoredItem, score_waves
 from higgs_ds.safe_io import atomic_write_bytes
 
@@ -101,7 +101,7 @@ def evaluate(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = int(codec.provenance["sample_rate"])
-    targets, refs = _recordings(items, codec)
+    targets, refs = recordings(items, codec)
     judges = judges or {}
     results = [_judge_reference(items, targets, refs, rate, judges, out_dir)]
     for name, kind, path, family in systems:
@@ -116,15 +116,6 @@ def evaluate(
     _write_outputs(out_dir, results, items, report)
     say(markdown_table(report))
     return report
-
-
-def _recordings(items: list[EvalItem], codec) -> tuple[list, list]:
-    """(target waves, SIM references): the prompt's voice reference when it clones, else the recording."""
-    from higgs_ds.eval.generate import decode
-
-    targets = [None if i.target_codes is None else decode(codec, i.target_codes) for i in items]
-    refs = [decode(codec, i.reference_codes) if i.reference_codes is not None else t for i, t in zip(items, targets)]
-    return targets, refs
 
 
 def _judge_reference(items, targets, refs, rate, judges, out_dir) -> SystemResult:
