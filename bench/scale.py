@@ -10,7 +10,9 @@ directory, half the samples plain single-speaker TTS (cloning-eligible). The pla
 (max_tokens 8,192, windows of 512, max_length 2,048), so every rank's batch count is needed; `--clone`
 adds cloning references (0.3) and two directories mixed 1 : 0.5. The old plan is given `--old-limit`
 seconds per measurement; past that it is reported as not finished (the README has its measured 370 s).
-An elastic resume (the rest of an epoch stopped half-way, on 3/4 of the ranks) is timed too.
+An elastic resume (the rest of an epoch stopped half-way, on 3/4 of the ranks) is timed too, against one
+rank's plan of the same row (`resume_over_rank_plan`: a resume forms every old rank's batch sizes but only
+this rank's samples, so it should cost about one rank's plan).
 Goals (issue #12): one rank's plan <= 10 s and <= 1 GB peak RSS at 10M x 1,024; preflight <= 60 s.
 """
 
@@ -136,6 +138,9 @@ def main() -> None:
                 row[f"{impl}_rank_plan"] = measure(samples, ranks, impl, "rank", clone, limit)
             row["new_preflight"] = measure(samples, ranks, "new", "preflight", clone, args.new_limit)
             row["new_elastic_resume_plan"] = measure(samples, ranks, "new", "resume", clone, args.new_limit)
+            resume, rank = row["new_elastic_resume_plan"].get("seconds"), row["new_rank_plan"].get("seconds")
+            if resume and rank:
+                row["resume_over_rank_plan"] = round(resume / rank, 2)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     out = {
@@ -152,7 +157,8 @@ def main() -> None:
         "process's peak RSS including the synthetic index; old = tests/reference/plan_v1.py, the list plan "
         "every rank computed for every rank; preflight = all ranks' totals + rank 0's plan (old: a plan per "
         "rank, i.e. ranks x old_rank_plan); elastic_resume_plan = one rank's plan for the rest of an epoch stopped "
-        "half-way and resumed on 3/4 of the ranks (every old rank's batches formed, higgs_ds.stream.elastic).",
+        "half-way and resumed on 3/4 of the ranks (every old rank's batch sizes, this rank's samples; "
+        "higgs_ds.stream.elastic).",
     }
     print(json.dumps(out, indent=1))
 
