@@ -1,14 +1,18 @@
 """Evaluation during training: validation shard sets read like the training stream (every rank its own
 equal share, the same order at every evaluation) give eval_loss and the per-codebook eval losses and
-accuracies; optionally K validation prompts are generated with boson's generation loop, decoded with the
-codec, written as WAV files and logged to TensorBoard as audio.
+accuracies; optionally K validation prompts are generated with the family's generation loop, decoded with
+the codec, written as WAV files and logged to TensorBoard as audio, and judged (eval.asr / eval.speaker /
+eval.mos: eval_wer, eval_cer, eval_sim, eval_mos, eval_speaking_rate, eval_duration_ratio, computed as
+`higgs-ds evaluate` computes them, higgs_ds.eval.scoring).
 
 Under ZeRO-3 every rank holds a slice of each weight, so every rank runs the same generations in lockstep
-(HF generate's synced_gpus); only rank 0 decodes and writes.
+(HF generate's synced_gpus); only rank 0 decodes, writes and judges (the judges are whole models of their
+own), and its numbers go to every rank, so that each keeps the same best checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -36,6 +40,20 @@ class EvalConfig:
     """Longest generated audio, in codec frames (25 per second)."""
     codec: str = ""
     """The codec that decodes generated codes ('tiny' or a codec directory); needed when generate > 0."""
+    asr: str = ""
+    """ASR judge (a local Whisper directory): eval_wer and eval_cer of the generated prompts."""
+    speaker: str = ""
+    """Speaker-verification judge (a local WavLM x-vector directory): eval_sim against each prompt's voice."""
+    mos: str = ""
+    """MOS judge (a local UTMOS-style directory, higgs_ds.eval.judges): eval_mos."""
+    select: str = "loss"
+    """The checkpoint to keep as best (HF's metric_for_best_model): loss (eval_loss), wer, cer, sim or mos;
+    lower is better for loss/wer/cer, higher for sim/mos. The best is one saved at an evaluation step."""
+    worse_warning: int = 3
+    """Warn when a judged metric gets worse this many evaluations in a row while eval_loss improves (0: off)."""
+
+    def judges(self) -> dict:
+        return {k: v for k, v in (("asr", self.asr), ("speaker", self.speaker), ("mos", self.mos)) if v}
 
     def check(self) -> None:
         if self.generate and not self.shards:
@@ -44,6 +62,16 @@ class EvalConfig:
             raise ConfigError("eval.generate needs eval.codec: the codec the shards were built with ('tiny' or a path)")
         if self.shards and self.steps <= 0:
             raise ConfigError(f"eval.steps must be positive, got {self.steps}")
+        if self.judges() and not self.generate:
+            raise ConfigError("eval.asr / eval.speaker / eval.mos judge generated audio: set eval.generate (prompts)")
+        needs = {"loss": None, "wer": "asr", "cer": "asr", "sim": "speaker", "mos": "mos"}
+        if self.select not in needs:
+            raise ConfigError(f"eval.select = {self.select!r}: use one of {', '.join(needs)}")
+        judge = needs[self.select]
+        if judge and not getattr(self, judge):
+            raise ConfigError(f"eval.select = {self.select!r} needs the eval.{judge} judge (a local model directory)")
+        if self.worse_warning < 0:
+            raise ConfigError(f"eval.worse_warning must be >= 0, got {self.worse_warning}")
 
 
 def eval_data_config(cfg: EvalConfig, data):
@@ -76,6 +104,21 @@ def prompt_records(shard_dirs: list[str], count: int) -> list[dict]:
     return records
 
 
+@contextlib.contextmanager
+def _outside_zero3():
+    """Whole judge models on rank 0 alone: under a ZeRO-3 run transformers' from_pretrained would build them
+    inside deepspeed.zero.Init (partitioned over the ranks, collectives on rank 0 only: a hang or an abort);
+    its ZeRO-3 switch is the training arguments' config behind a module-level weak reference."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 class AudioSamples:
     """Generates the evaluation prompts' audio; call `run` on every rank at every evaluation."""
 
@@ -92,17 +135,41 @@ class AudioSamples:
                 len(self.records),
             )
         self.codec = resolve_codec(cfg.codec, device="cpu")
+        self._judges: dict | None = None
+        self.last_metrics: dict[str, float] = {}  # rank 0's eval_* numbers of the last run
 
-    def run(self, model, tokenizer, step: int, writer=None, is_main: bool = True) -> list[Path]:
+    def run(self, model, tokenizer, step: int, writer=None, is_main: bool = True, device="cpu") -> list[Path]:
         from higgs_ds.eval.generate import decode, generate_codes
 
-        written = []
+        written, waves = [], []
         for i, record in enumerate(self.records):
             codes = generate_codes(model, tokenizer, record, max_new_frames=self.cfg.max_new_frames, seed=i)
             if is_main:  # decoding is rank 0's alone: no collective inside the codec
                 sample_id = record["json"].get("id", f"prompt{i}")
-                written.append(self._write(decode(self.codec, codes), step, sample_id, writer))
+                waves.append(decode(self.codec, codes))
+                written.append(self._write(waves[-1], step, sample_id, writer))
+        if is_main and self.cfg.judges():
+            self.last_metrics = self._judge(waves, tokenizer, device)
         return written
+
+    def _judge(self, waves: list[np.ndarray], tokenizer, device) -> dict[str, float]:
+        """The prompts' audio judged as `higgs-ds evaluate` judges it: {eval_wer: ..., ...} over the prompts."""
+        from higgs_ds.eval.eval_set import recordings, shard_item
+        from higgs_ds.eval.judges import load_judges
+        from higgs_ds.eval.metrics import speech_seconds, summarize
+        from higgs_ds.eval.scoring import score_waves
+
+        if self._judges is None:  # loaded once, at the first evaluation, on rank 0 only
+            with _outside_zero3():
+                self._judges = load_judges(**self.cfg.judges(), device=str(device))
+        items = [shard_item(r, tokenizer) for r in self.records]
+        targets, refs = recordings(items, self.codec)
+        rate = int(self.codec.provenance["sample_rate"])
+        seconds = [None if t is None else speech_seconds(t, rate) or None for t in targets]
+        scored = score_waves(waves, rate, [i.text for i in items], [i.language for i in items], self._judges,
+                             speaker_refs=refs, target_seconds=seconds)  # fmt: skip
+        summary = summarize([s.scores for s in scored])["all"]
+        return {f"eval_{metric}": interval.value for metric, interval in summary.items() if interval.n}
 
     def _write(self, wave: np.ndarray, step: int, sample_id: str, writer) -> Path:
         import soundfile as sf

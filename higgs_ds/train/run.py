@@ -119,6 +119,11 @@ def resolve_config(path: str | None, overrides: list[str]) -> TrainConfig:
     if not cfg.data.shards:
         raise ConfigError('no shard directories: set data.shards = ["DIR", ...] or pass --data.shards')
     cfg.eval.check()
+    if cfg.eval.select != "loss" and cfg.save_steps % cfg.eval.steps:
+        raise ConfigError(
+            f"eval.select = {cfg.eval.select!r} keeps the best checkpoint of an evaluation step: make save_steps "
+            f"({cfg.save_steps}) a multiple of eval.steps ({cfg.eval.steps})"
+        )
     for d in [*cfg.data.shards, *cfg.eval.shards]:
         if not Path(d, "index.json").is_file():
             raise ConfigError(f"shard directory {d} has no index.json; build it with `higgs-ds shards build`")

@@ -134,6 +134,9 @@ def swift_argv(cfg) -> list[str]:
             per_device_eval_batch_size=cfg.eval.batch_size or cfg.data.batch_size,
             prediction_loss_only="true",  # the loss and metrics only; no logits gathered across ranks
         )
+        if cfg.eval.select != "loss":  # HF's best-checkpoint choice (kept by save_total_limit), by a judge
+            args.update(metric_for_best_model=f"eval_{cfg.eval.select}",
+                        greater_is_better=str(cfg.eval.select in ("sim", "mos")).lower())  # fmt: skip
     if cfg.deepspeed:
         args["deepspeed"] = cfg.deepspeed
     args.update(cfg.swift)

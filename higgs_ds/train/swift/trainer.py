@@ -63,6 +63,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
         if self.sample_log is None and os.environ.get(ENV_LOG_SAMPLE_IDS, "") == "1":
             self.sample_log = os.path.join(self.args.output_dir, "samples_rank{rank}.jsonl")
         self.reset_optimizer = reset_requested(self.reset_optimizer)
+        self._voice_history = []  # evaluations with judged metrics, for warn_if_worse
         if getattr(self.args, "resume_only_model", False) and isinstance(self.train_dataset, ShardStream):
             # ms-swift's resume_only_model drops the checkpoint's data position: the epoch would start again
             raise CheckpointError(
@@ -92,7 +93,7 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
 
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
-        if self.audio_samples is not None:  # every rank generates (ZeRO-3 lockstep); rank 0 writes
+        if self.audio_samples is not None:  # every rank generates (ZeRO-3 lockstep); rank 0 writes and judges
             writer = next((cb.tb_writer for cb in self.callback_handler.callbacks if hasattr(cb, "tb_writer")), None)
             was_training = self.model.training
             self.audio_samples.run(
@@ -101,9 +102,23 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
                 self.state.global_step,
                 writer=writer,
                 is_main=self.args.process_index == 0,
+                device=self.args.device,
             )
             self.model.train(was_training)
+            voice = self._from_rank0(self.audio_samples.last_metrics)
+            if voice:  # logged (TensorBoard, logging.jsonl) and seen by the best-checkpoint choice on every rank
+                self.log(voice)
+                metrics.update(voice)
+                self._voice_history.append(metrics)
+                warn_if_worse(self._voice_history, self.audio_samples.cfg.worse_warning)
         return metrics
+
+    def _from_rank0(self, metrics: dict) -> dict:
+        if not (torch.distributed.is_initialized() and self.args.world_size > 1):
+            return dict(metrics)
+        box = [dict(metrics)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     def get_batch_samples(self, epoch_iterator, num_batches, *device):
         """HF fetches an optimizer step's micro-batches up front; count their loss targets here, summed
@@ -212,6 +227,34 @@ class HiggsAudioTrainer(Seq2SeqTrainer):
             with open(self.sample_log.format(rank=self.args.process_index), "a") as f:
                 f.write(json.dumps({"step": self.state.global_step + 1, "ids": inputs.get("sample_ids")}) + "\n")
         return super().training_step(model, inputs, *args, **kwargs)
+
+
+LOWER_IS_BETTER = ("eval_wer", "eval_cer")
+HIGHER_IS_BETTER = ("eval_sim", "eval_mos")
+
+
+def warn_if_worse(history: list[dict], evaluations: int) -> list[str]:
+    """The failure the loss hides: a judged metric worse at each of the last `evaluations` evaluations
+    while eval_loss got better each time (quality falling as training goes on); the warnings logged."""
+    if not evaluations or len(history) <= evaluations:
+        return []
+    last = history[-(evaluations + 1) :]
+    pairs = list(zip(last, last[1:]))
+    if not all(b["eval_loss"] < a["eval_loss"] for a, b in pairs):
+        return []
+    warned = []
+    for key in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER):
+        if all(key in h for h in last):
+            sign = 1 if key in LOWER_IS_BETTER else -1
+            if all(sign * (b[key] - a[key]) > 0 for a, b in pairs):
+                warned.append(
+                    f"{key} got worse at each of the last {evaluations} evaluations ({last[0][key]:.4g} -> "
+                    f"{last[-1][key]:.4g}) while eval_loss improved ({last[0]['eval_loss']:.4g} -> "
+                    f"{last[-1]['eval_loss']:.4g}): listen to output_dir/eval_audio/; an earlier checkpoint "
+                    "may be better"
+                )
+                logger.warning(warned[-1])
+    return warned
 
 
 def save_probe(trainer, cfg) -> None:
