@@ -3,7 +3,9 @@
     higgs-ds evaluate FINETUNE_DIR [MORE_DIRS ...] --base BASE_DIR --set HELD_OUT_SHARDS --out eval/ \\
         --asr whisper-large-v3/ --speaker wavlm-base-plus-sv/ --mos utmos/
 
-Systems, each prompted the same way (the held-out samples' own prompts, one seed per item): every model
+The set (higgs_ds.eval.eval_set): held-out shard directories, or external JSONL sets (SET.jsonl: the prompts
+JSONL of `higgs-ds synthesize` plus language, speaker and target; a bad line is refused by name and the
+others evaluated). Systems, each prompted the same way (the items' own prompts, one seed per item): every model
 directory given (a fine-tune's export, or several: a run's exports in training order), the base model
 (--base: the baseline a fine-tune must beat) and `reference`, the held-out recordings themselves through the
 codec (the ceiling). Each system's audio is judged by the same judges (higgs_ds.eval.scoring). Written to
@@ -31,7 +33,7 @@ import numpy as np
 
 from higgs_ds.errors import UserError
 from higgs_ds.eval import metrics as M
-from higgs_ds.eval.eval_set import recordings, shard_items
+from higgs_ds.eval.eval_set import EvalItem, load_set, recordings
 from higgs_ds.eval.scoring import ScoredItem, score_waves
 from higgs_ds.safe_io import atomic_write_bytes
 
@@ -81,9 +83,12 @@ def evaluate(
     dtype: str = "auto",
     limit: int | None = None,
     seed: int = 0,
+    max_reference_seconds: float = 30.0,
     say=print,
 ) -> dict:
-    """Generate, judge and write the tables (see the module docstring); returns evaluation.json's content."""
+    """Generate, judge and write the tables (see the module docstring); returns evaluation.json's content.
+    `shard_dirs`: the --set sources, held-out shard directories or .jsonl sets; refused JSONL lines are in
+    the report's set.refused (the caller decides the exit code)."""
     from higgs_ds.eval.synthesize import Sampling, check_device, checked_model_dir, find_codec, load_tokenizer
 
     if not model_dirs and not base:
@@ -96,13 +101,13 @@ def evaluate(
     codec, warning = find_codec(first, codec_spec, device)
     if warning:
         say(f"warning: {warning}")
-    items = shard_items(shard_dirs, load_tokenizer(first), limit)
-    say(f"evaluation set: {len(items)} items from {', '.join(shard_dirs)}")
+    judges = judges or {}
+    eval_set = _load_set(shard_dirs, load_tokenizer(first), codec, limit, max_reference_seconds, judges, say)
+    items = eval_set.items
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = int(codec.provenance["sample_rate"])
     targets, refs = recordings(items, codec)
-    judges = judges or {}
     results = [_judge_reference(items, targets, refs, rate, judges, out_dir)]
     for name, kind, path, family in systems:
         waves = _generate(path, family, items, codec, sampling, device, dtype, seed, name, say)
@@ -112,17 +117,51 @@ def evaluate(
         result.scored = score_waves(waves, rate, [i.text for i in items], [i.language for i in items], judges,
                                     speaker_refs=refs, target_seconds=[s or None for s in seconds])  # fmt: skip
         results.append(result)
-    report = _report(results, items, sampling, seed, judges, shard_dirs)
+    report = _report(results, eval_set, sampling, seed, judges)
     _write_outputs(out_dir, results, items, report)
     say(markdown_table(report))
     return report
+
+
+def _load_set(sources, tokenizer, codec, limit, max_reference_seconds, judges, say):
+    """Every --set's items; each refused JSONL line said with its reason (the run goes on without it)."""
+    eval_set = load_set(sources, tokenizer, codec, limit=limit, max_reference_seconds=max_reference_seconds)
+    for r in eval_set.refused:
+        say(f"{r.source}: refused: {r.reason}")
+    say(f"evaluation set: {len(eval_set.items)} items, {len(eval_set.refused)} refused, from {', '.join(sources)}")
+    if not eval_set.items:
+        raise UserError(f"nothing to evaluate: {', '.join(sources)} gave no item "
+                        f"({len(eval_set.refused)} lines refused, each named above)")  # fmt: skip
+    _check_languages(eval_set.items, judges.get("asr"))
+    return eval_set
+
+
+def _check_languages(items: list[EvalItem], asr) -> None:
+    """A language the multilingual ASR judge lacks fails before any model is loaded, not after generating."""
+    config = getattr(getattr(asr, "model", None), "generation_config", None)
+    if not getattr(config, "is_multilingual", False):
+        return  # no ASR judge, or an English-only Whisper: it takes no language token
+    missing: dict[str, list[str]] = {}
+    for item in items:
+        if item.language and M.base_language(item.language) not in asr.languages:
+            missing.setdefault(M.base_language(item.language), []).append(item.name)
+    if missing:
+        named = "; ".join(f"{lang} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                          for lang, names in sorted(missing.items()))  # fmt: skip
+        raise UserError(f"ASR judge {asr.root} has no language {named}; it has {', '.join(asr.languages)}: "
+                        "give a judge that knows them, or evaluate those items apart")  # fmt: skip
+
+
+def item_seed(item: EvalItem, k: int, seed: int) -> int:
+    """The set's own seed for the item (a JSONL line's), else --seed + k: every system gets the same one."""
+    return item.seed if item.seed is not None else seed + k
 
 
 def _judge_reference(items, targets, refs, rate, judges, out_dir) -> SystemResult:
     """The recordings as a system; SIM only where the item clones (against itself it would be 1 by definition)."""
     result = SystemResult(REFERENCE, REFERENCE, None)
     have = [i for i, t in enumerate(targets) if t is not None]
-    cloned = [refs[i] if items[i].reference_codes is not None else None for i in have]
+    cloned = [refs[i] if items[i].clones else None for i in have]
     result.scored = score_waves([targets[i] for i in have], rate, [items[i].text for i in have],
                                 [items[i].language for i in have], judges, speaker_refs=cloned)  # fmt: skip
     for i, item in zip(have, result.scored):
@@ -140,10 +179,10 @@ def _generate(path, family, items, codec, sampling, device, dtype, seed, name, s
     model = load_model(path, family, torch_dtype(dtype, device), device)
     check_geometry(model, codec)
     tokenizer = load_tokenizer(path)
-    waves = []
+    waves, kwargs = [], sampling.generate_kwargs()
     for k, item in enumerate(tqdm(items, desc=f"generating ({name})", unit="item", leave=False)):
         codes = generate_codes(
-            model, tokenizer, item.record, seed=seed + k, synced_gpus=False, **sampling.generate_kwargs()
+            model, tokenizer, item.record, seed=item_seed(item, k, seed), synced_gpus=False, **kwargs
         )
         waves.append(decode(codec, codes))
     del model
@@ -158,11 +197,13 @@ def _write_wav(path: Path, wave: np.ndarray, rate: int) -> str:
     return str(path)
 
 
-def _report(results, items, sampling, seed, judges, shard_dirs) -> dict:
+def _report(results, eval_set, sampling, seed, judges) -> dict:
     from dataclasses import asdict
 
+    refused = [r.to_json() for r in eval_set.refused]
+    items = len(eval_set.items)
     return {
-        "set": {"shards": list(shard_dirs), "items": len(items)},
+        "set": {"sources": eval_set.sources, "items": items, "jsonl_lines": eval_set.jsonl_lines, "refused": refused},
         "judges": {k: str(getattr(j, "root", "")) for k, j in judges.items()},
         "sampling": asdict(sampling),
         "seed": seed,
@@ -195,10 +236,11 @@ def _write_outputs(out_dir: Path, results, items, report) -> None:
     atomic_write_bytes(out_dir / "evaluation.md", markdown_table(report).encode())
     rows = []
     for r in results:
-        judged = [i for i in items if r.kind != REFERENCE or i.target_codes is not None]  # the reference: recorded
-        names = [i.name for i in judged]
-        for name, scored, wav in zip(names, r.scored, r.wavs):
-            rows.append(json.dumps(finite({"system": r.name, "id": name, **scored.row, "wav": wav})))
+        judged = [(k, i) for k, i in enumerate(items) if r.kind != REFERENCE or i.recorded]
+        for (k, item), scored, wav in zip(judged, r.scored, r.wavs):  # the reference: the recorded items only
+            seed = None if r.kind == REFERENCE else item_seed(item, k, report["seed"])
+            row = {"system": r.name, "id": item.name, "speaker": item.speaker, **scored.row, "seed": seed, "wav": wav}
+            rows.append(json.dumps(finite(row)))
     atomic_write_bytes(out_dir / "items.jsonl", ("\n".join(rows) + "\n").encode())
     models = [r for r in results if r.kind == "model"]
     if len(models) >= 2:

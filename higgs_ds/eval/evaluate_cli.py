@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from higgs_ds.errors import UserError
 
 EVALUATE_HELP = """\
 Is my voice better? Model directories (a fine-tune's export, or several exports in training order) and the
-base model (--base) generate the held-out set's prompts with the same seeds; the judges listen to every
-system and to the held-out recordings themselves (the `reference` row: the ceiling, through the codec).
+base model (--base) generate the evaluation set's prompts with the same seeds; the judges listen to every
+system and to the set's recordings themselves (the `reference` row: the ceiling, through the codec). The
+set (--set): held-out shard directories (`shards build --split`), or external JSONL sets (below).
 
   WER / CER       ASR transcript (--asr: a Whisper directory) against the text, Whisper-normalised; the
                   corpus rate (sum of edits / sum of reference words); per language where items say
@@ -24,18 +26,43 @@ path: listen to the worst), SYSTEM/ID.wav, and evaluation.png (each metric acros
 Nothing is downloaded; numbers from tiny random-weight judges (tests, the demo) say nothing of quality."""
 
 
+# the format higgs_ds.eval.eval_set.jsonl_items reads (kept here: the parser is built without torch)
+JSONL_SET_HELP = """\
+An external evaluation set (--set SET.jsonl): the prompts JSONL of `higgs-ds synthesize --batch` (one JSON
+object per line, UTF-8; blank lines ignored), plus three fields of its own:
+
+  text        (required) what to say; the words WER is counted against
+  id          the item's name: SYSTEM/ID.wav in --out (letters, digits, '.', '_', '-'; default line-N)
+  reference   {"audio": PATH, "text": TRANSCRIPT}: the voice to clone; SIM is judged against this audio
+  references  [{"audio": ..., "text": ...}, ...]: a dialogue's speakers (SIM against the first)
+  scene, system
+              as in synthesize: boson's scene block, the system text
+  seed        this item's seed (default --seed + k for item k)
+  language    e.g. "en", "zh": WER/CER normalised for it (zh, ja, ... by character), a row per language
+  speaker     who speaks it (kept in items.jsonl)
+  target      {"audio": PATH}: the recording of this text: the `reference` row and the duration ratio
+              (and SIM when nothing is cloned); without it the item has neither
+
+Paths are relative to the JSONL file's folder; recordings are encoded by the codec as references are
+(--max-reference-seconds). Any other field, a missing or empty text, a reference or target file that cannot
+be decoded, a bad language, or a repeated id refuses that line, named (FILE line N) with its reason; the
+others are evaluated, the refusals listed in evaluation.json, and the command exits 2 when any was refused
+(items + refused = lines). A Seed-TTS-eval list (`utt|prompt_text|prompt_wav|text`) maps to
+{"id": utt, "text": text, "reference": {"audio": prompt_wav, "text": prompt_text}} (README)."""
+
+
 def add_evaluate(sub, exit_codes_help: str) -> None:
     s = sub.add_parser(
         "evaluate",
-        help="model dirs (+ --base) on held-out shards -> WER, SIM, MOS, speaking rate with intervals",
+        help="model dirs (+ --base) on held-out shards or a JSONL set -> WER, SIM, MOS, speaking rate with intervals",
         description=EVALUATE_HELP,
-        epilog=exit_codes_help,
+        epilog=f"{JSONL_SET_HELP}\n\n{exit_codes_help}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("model_dirs", nargs="*", help="model directories to evaluate, in order (exports, converted)")
     s.add_argument("--base", default=None, help="the base model: the baseline a fine-tune must beat")
-    s.add_argument("--set", required=True, action="append", dest="shards", metavar="SHARD_DIR",
-                   help="held-out shard directory (index.json); repeat for several")  # fmt: skip
+    s.add_argument("--set", required=True, action="append", dest="shards", metavar="SET",
+                   help="a held-out shard directory (index.json) or a SET.jsonl (below); repeat it")  # fmt: skip
     s.add_argument("--out", required=True, help="the folder to write the tables and audio into")
     s.add_argument("--asr", default=None, help="ASR judge: a local Whisper model directory")
     s.add_argument("--speaker", default=None, help="speaker-verification judge: a local WavLM x-vector directory")
@@ -49,9 +76,13 @@ def add_evaluate(sub, exit_codes_help: str) -> None:
     s.add_argument("--top-p", type=float, default=0.95, help="1: off (0.95)")
     s.add_argument("--ras-win-len", type=int, default=7, help="repetition-aware sampling window; 0: off (7)")
     s.add_argument("--ras-max-repeat", type=int, default=2, help="repeats allowed in that window (2)")
-    s.add_argument("--seed", type=int, default=0, help="item k is generated with seed + k (0)")
+    s.add_argument(
+        "--seed", type=int, default=0, help="item k is generated with seed + k, unless its JSONL line has a seed (0)"
+    )
     s.add_argument("--max-seconds", type=float, default=30.0, help="longest audio to generate per item (30)")
     s.add_argument("--max-frames", type=int, default=None, help="the same in codec frames (25 a second)")
+    s.add_argument("--max-reference-seconds", type=float, default=30.0,
+                   help="longest reference or target recording of a JSONL set (30)")  # fmt: skip
     s.set_defaults(func=run_cli)
 
 
@@ -62,10 +93,12 @@ def run_cli(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if not (math.isfinite(args.max_reference_seconds) and args.max_reference_seconds > 0):
+        raise UserError(f"--max-reference-seconds must be a positive number, got {args.max_reference_seconds}")
     judges = load_judges(args.asr, args.speaker, args.mos, device=args.device)
     if not judges:
         print("higgs-ds evaluate: no judge given (--asr, --speaker, --mos): only the audio measures are computed")
-    evaluate(
+    report = evaluate(
         args.model_dirs,
         args.shards,
         args.out,
@@ -77,5 +110,9 @@ def run_cli(args) -> int:
         dtype=args.dtype,
         limit=args.limit,
         seed=args.seed,
+        max_reference_seconds=args.max_reference_seconds,
     )
+    refused, lines = report["set"]["refused"], report["set"]["jsonl_lines"]
+    if refused:  # the others were evaluated and written; the exit code says not all of the set was
+        raise UserError(f"{len(refused)} of {lines} JSONL lines refused (each named above and in evaluation.json)")
     return 0
