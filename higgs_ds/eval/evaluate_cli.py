@@ -10,8 +10,8 @@ from higgs_ds.errors import UserError
 EVALUATE_HELP = """\
 Is my voice better? Model directories (a fine-tune's export, or several exports in training order) and the
 base model (--base) generate the evaluation set's prompts with the same seeds; the judges listen to every
-system and to the set's recordings themselves (the `reference` row: the ceiling, through the codec). The
-set (--set): held-out shard directories (`shards build --split`), or external JSONL sets (below).
+system and to the set's recordings themselves (the `reference` row: the ceiling; a shard set's through the
+codec). The set (--set): held-out shard directories (`shards build --split`) or external JSONL sets (below).
 
   WER / CER       ASR transcript (--asr: a Whisper directory) against the text, Whisper-normalised; the
                   corpus rate (sum of edits / sum of reference words); per language where items say
@@ -43,12 +43,13 @@ object per line, UTF-8; blank lines ignored), plus three fields of its own:
   target      {"audio": PATH}: the recording of this text: the `reference` row and the duration ratio
               (and SIM when nothing is cloned); without it the item has neither
 
-Paths are relative to the JSONL file's folder; recordings are encoded by the codec as references are
-(--max-reference-seconds). Any other field, a missing or empty text, a reference or target file that cannot
-be decoded, a bad language, or a repeated id refuses that line, named (FILE line N) with its reason; the
-others are evaluated, the refusals listed in evaluation.json, and the command exits 2 when any was refused
-(items + refused = lines). A Seed-TTS-eval list (`utt|prompt_text|prompt_wav|text`) maps to
-{"id": utt, "text": text, "reference": {"audio": prompt_wav, "text": prompt_text}} (README)."""
+Paths are relative to the JSONL file's folder. The references are encoded by the codec into the prompt; the
+judges hear the reference and target files as they are (resampled, as Seed-TTS-eval judges them; both at
+most --max-reference-seconds). Any other field, a missing or empty text, a reference or target file that
+cannot be decoded, a bad language, or a repeated id refuses that line, named (FILE line N) with its reason;
+the others are evaluated, the refusals listed in evaluation.json, and the command exits 2 when any was
+refused (items + refused = lines). A Seed-TTS-eval list (`utt|prompt_text|prompt_wav|text`) maps to {"id":
+utt, "text": text, "reference": {"audio": prompt_wav, "text": prompt_text}} (README)."""
 
 
 def add_evaluate(sub, exit_codes_help: str) -> None:
