@@ -7,8 +7,9 @@ The set (higgs_ds.eval.eval_set): held-out shard directories, or external JSONL 
 JSONL of `higgs-ds synthesize` plus language, speaker and target; a bad line is refused by name and the
 others evaluated). Systems, each prompted the same way (the items' own prompts, one seed per item): every model
 directory given (a fine-tune's export, or several: a run's exports in training order), the base model
-(--base: the baseline a fine-tune must beat) and `reference`, the held-out recordings themselves through the
-codec (the ceiling). Each system's audio is judged by the same judges (higgs_ds.eval.scoring). Written to
+(--base: the baseline a fine-tune must beat) and `reference`, the set's recordings themselves (the ceiling:
+a shard set's through the codec, a JSONL set's files as they are). Each system's audio is judged by the
+same judges (higgs_ds.eval.scoring). Written to
 --out (atomically, nothing else touched):
 
     evaluation.json   per system: the summary (value, 95% bootstrap interval, n per metric; per language
