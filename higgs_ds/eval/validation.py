@@ -12,7 +12,6 @@ own), and its numbers go to every rank, so that each keeps the same best checkpo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
@@ -104,21 +103,6 @@ def prompt_records(shard_dirs: list[str], count: int) -> list[dict]:
     return records
 
 
-@contextlib.contextmanager
-def _outside_zero3():
-    """Whole judge models on rank 0 alone: under a ZeRO-3 run transformers' from_pretrained would build them
-    inside deepspeed.zero.Init (partitioned over the ranks, collectives on rank 0 only: a hang or an abort);
-    its ZeRO-3 switch is the training arguments' config behind a module-level weak reference."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 class AudioSamples:
     """Generates the evaluation prompts' audio; call `run` on every rank at every evaluation."""
 
@@ -160,7 +144,9 @@ class AudioSamples:
         from higgs_ds.eval.scoring import score_waves
 
         if self._judges is None:  # loaded once, at the first evaluation, on rank 0 only
-            with _outside_zero3():
+            from higgs_ds.shards.codec import outside_zero3  # ZeRO-3 would partition them: rank 0 holds them whole
+
+            with outside_zero3():
                 self._judges = load_judges(**self.cfg.judges(), device=str(device))
         items = [shard_item(r, tokenizer) for r in self.records]
         targets, refs = recordings(items, self.codec)

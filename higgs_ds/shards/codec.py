@@ -286,10 +286,11 @@ def _check_native_weights(path: Path, config) -> None:
 
 
 @contextlib.contextmanager
-def _outside_zero3():
+def outside_zero3():
     """Inside a ZeRO-3 training process transformers builds every model partitioned (deepspeed.zero.Init) while
     the trainer's DeepSpeed config is registered; the codec (validation audio) is a small frozen model each rank
-    holds whole, and its HuBERT init fails partitioned. Unregister the config while the codec is built."""
+    holds whole, and its HuBERT init fails partitioned. Unregister the config while the codec is built (and
+    the judges, higgs_ds.eval.validation: whole models on rank 0 alone)."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
@@ -301,7 +302,7 @@ def _outside_zero3():
 
 
 def _load_native(path: Path, device: str) -> Codec:
-    with _outside_zero3():
+    with outside_zero3():
         return _load_native_whole(path, device)
 
 
