@@ -306,3 +306,21 @@ def test_score_waves_pairs_each_wave_with_its_text_reference_and_recording(tiny_
     noise = np.random.default_rng(0).standard_normal(len(waves[0])).astype(np.float32) * 0.1
     (loud,) = score_waves([noise], SR, texts[:1], ["en"], {})
     assert loud.scores.syllable_rate < 0.5 * scored[0].scores.syllable_rate  # noise has no syllables
+
+
+def test_a_dialogues_speaker_tags_are_not_judged_as_words():
+    from higgs_ds.eval.scoring import score_waves, spoken_text
+
+    assert spoken_text("[SPEAKER0] Hi there. [SPEAKER1] Hello!") == "Hi there. Hello!"
+
+    class Heard:  # an ASR judge that hears exactly the spoken words
+        spelling = None
+
+        def transcribe(self, waves, sr, language=None):
+            return ["hi there hello"] * len(waves)
+
+    wave = demo_waves(DEMO_IDS[:1])[0][1]
+    (item,) = score_waves([wave], SR, ["[SPEAKER0] Hi there. [SPEAKER1] Hello!"], ["en"], {"asr": Heard()})
+    assert (item.scores.wer.errors, item.scores.wer.length) == (0, 3)
+    seconds = M.speech_seconds(wave, SR)
+    assert item.row["speaking_rate"] == pytest.approx(len("hitherehello") / seconds)

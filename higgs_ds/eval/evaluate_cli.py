@@ -62,6 +62,12 @@ def add_evaluate(sub, exit_codes_help: str) -> None:
     )
     s.add_argument("model_dirs", nargs="*", help="model directories to evaluate, in order (exports, converted)")
     s.add_argument("--base", default=None, help="the base model: the baseline a fine-tune must beat")
+    s.add_argument(
+        "--run",
+        default=None,
+        help="a training output dir: each complete checkpoint-N is exported to OUT/exports/checkpoint-N "
+        "(higgs-ds export) and evaluated, oldest first, after the model dirs",
+    )
     s.add_argument("--set", required=True, action="append", dest="shards", metavar="SET",
                    help="a held-out shard directory (index.json) or a SET.jsonl (below); repeat it")  # fmt: skip
     s.add_argument("--out", required=True, help="the folder to write the tables and audio into")
@@ -96,11 +102,12 @@ def run_cli(args) -> int:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if not (math.isfinite(args.max_reference_seconds) and args.max_reference_seconds > 0):
         raise UserError(f"--max-reference-seconds must be a positive number, got {args.max_reference_seconds}")
+    model_dirs = list(args.model_dirs) + (run_exports(args.run, args.out) if args.run else [])
     judges = load_judges(args.asr, args.speaker, args.mos, device=args.device)
     if not judges:
         print("higgs-ds evaluate: no judge given (--asr, --speaker, --mos): only the audio measures are computed")
     report = evaluate(
-        args.model_dirs,
+        model_dirs,
         args.shards,
         args.out,
         base=args.base,
@@ -117,3 +124,22 @@ def run_cli(args) -> int:
     if refused:  # the others were evaluated and written; the exit code says not all of the set was
         raise UserError(f"{len(refused)} of {lines} JSONL lines refused (each named above and in evaluation.json)")
     return 0
+
+
+def run_exports(run_dir: str, out: str) -> list[str]:
+    """Every complete checkpoint of a run exported (ZeRO-3 consolidated, as `higgs-ds export` does) into
+    OUT/exports/checkpoint-N, oldest first: a checkpoint itself is not a model directory (it carries
+    DeepSpeed's scripts, and ZeRO-3 keeps its weights in partitions)."""
+    from pathlib import Path
+
+    from higgs_ds.tools.export import export
+    from higgs_ds.train.checkpoint import checkpoints, is_complete
+
+    complete = [c for c in checkpoints(run_dir) if is_complete(c)]
+    if not complete:
+        raise UserError(f"--run {run_dir} holds no complete checkpoint-N: pass a training output_dir")
+    exported = []
+    for ckpt in complete:
+        print(f"higgs-ds evaluate: exporting {ckpt}", flush=True)
+        exported.append(str(export(str(ckpt), str(Path(out) / "exports" / ckpt.name))))
+    return exported

@@ -15,11 +15,14 @@ A metric whose judge or reference is missing stays None (the table leaves it out
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from higgs_ds.eval import metrics as M
+
+SPEAKER_TAG = re.compile(r"\[SPEAKER\d+\]")
 
 
 @dataclass
@@ -80,18 +83,24 @@ def _similarities(waves, sr, refs, speaker) -> list[float | None]:
     return out
 
 
+def spoken_text(text: str) -> str:
+    """What is said: a dialogue's [SPEAKERn] tags name the voice and are not spoken (nor judged)."""
+    return " ".join(SPEAKER_TAG.sub(" ", text).split())
+
+
 def _item(wave, sr, text, language, transcript, sim, mos, target_seconds, spelling) -> ScoredItem:
     seconds = M.speech_seconds(wave, sr)
+    said = spoken_text(text)
     scores = M.ItemScores(
         language=language,
         sim=sim,
         mos=None if mos is None else float(mos),
-        speaking_rate=M.speaking_rate(text, seconds, language),
+        speaking_rate=M.speaking_rate(said, seconds, language),
         syllable_rate=M.syllable_rate(wave, sr),
         duration_ratio=M.duration_ratio(seconds, target_seconds) if target_seconds else None,
     )
     if transcript is not None:
-        ref, hyp = M.normalize_text(text, language, spelling), M.normalize_text(transcript, language, spelling)
+        ref, hyp = M.normalize_text(said, language, spelling), M.normalize_text(transcript, language, spelling)
         scores.wer, scores.cer = M.word_errors(ref, hyp), M.char_errors(ref, hyp)
     row = {
         "text": text,
