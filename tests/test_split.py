@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -72,3 +73,35 @@ def test_a_split_that_leaves_a_part_empty_is_refused(tmp_path, tiny_model_dir):
     cfg = BuildConfig(tokenizer=str(tiny_model_dir), split="speakers=nobody", split_part=HELDOUT)
     with pytest.raises(UserError, match="leaves no sample in the heldout part of the 2 input lines"):
         build_shards([str(manifest)], str(tmp_path / "h"), "tiny", cfg, progress=False)
+
+
+def test_an_interrupted_split_build_resumes_with_its_counts_and_a_lying_journal_is_caught(tmp_path, tiny_codec):
+    from higgs_ds.errors import CheckFailed
+    from higgs_ds.shards.build import BuildConfig, BuildError, build_shards
+
+    from .test_build_safety import SIX, _journal, _manifest
+
+    manifest = _manifest(tmp_path / "in", SIX, bad_line=5)  # alice_1 alice_2 bob_1 bob_2 {bad carol_1 carol_2
+    cfg = BuildConfig(shard_samples=1, split="speakers=ali")
+    whole = build_shards([str(manifest)], str(tmp_path / "whole"), tiny_codec, cfg, progress=False)
+    assert (whole["accepted"], whole["rejected"], whole["split"]["other_part"]) == (4, 1, 2)
+
+    def interrupted(name):
+        out = tmp_path / name
+        with pytest.raises(BuildError, match="invalid JSON"):  # stopped at line 5, after alice's 2 held-out lines
+            build_shards([str(manifest)], str(out), tiny_codec, replace(cfg, fast_fail=True), progress=False)
+        return out
+
+    out = interrupted("out")
+    assert '"other_part": 2' in _journal(out).read_text().splitlines()[-1]
+    resumed = build_shards([str(manifest)], str(out), tiny_codec, replace(cfg, resume=True), progress=False)
+    assert {k: resumed[k] for k in ("accepted", "rejected", "split")} == {
+        k: whole[k] for k in ("accepted", "rejected", "split")
+    }
+    assert _ids(out) == _ids(tmp_path / "whole") == {"bob_1", "bob_2", "carol_1", "carol_2"}
+
+    lying = interrupted("lying")
+    journal = _journal(lying)
+    journal.write_text(journal.read_text().replace('"other_part": 2', '"other_part": 3'))
+    with pytest.raises(CheckFailed, match="accounting error.* \\+ 3 of the split's other part != 7 inputs"):
+        build_shards([str(manifest)], str(lying), tiny_codec, replace(cfg, resume=True), progress=False)

@@ -408,7 +408,7 @@ class _Journal:
     def _check_state(self, obj, line: int, previous: dict | None, position: int) -> dict:
         """One completed shard: its file name is the one this slice gives shard `position`, counters only grow."""
         keys = {"shard", "next_ordinal", "rejects_bytes", "accepted", "rejected", "audio_seconds", "reasons"}
-        if not isinstance(obj, dict) or set(obj) != keys:
+        if not isinstance(obj, dict) or set(obj) - {"other_part"} != keys:  # other_part: a --split build's
             raise self._bad(line, f"is not a shard line (expected the keys {sorted(keys)})")
         shard = obj["shard"]
         if not isinstance(shard, dict) or shard.get("file") != self.pattern.format(position):
@@ -417,7 +417,13 @@ class _Journal:
             raise self._bad(line, "has no sha256 for its shard")
         if not all(_is_count(shard.get(k)) for k in ("bytes", "num_samples")):
             raise self._bad(line, "has no byte or sample count for its shard")
-        counters = ("next_ordinal", "rejects_bytes", "accepted", "rejected")
+        counters = (
+            "next_ordinal",
+            "rejects_bytes",
+            "accepted",
+            "rejected",
+            *(("other_part",) if "other_part" in obj else ()),
+        )
         if not all(_is_count(obj[k]) for k in counters) or not self.start < obj["next_ordinal"] <= self.end:
             raise self._bad(
                 line, f"has counters that are not counts within this slice's inputs ({self.start}-{self.end})"
@@ -587,8 +593,7 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
             reasons=Counter(state["reasons"]),
         )
         next_ordinal = state["next_ordinal"]
-        # the split's other part is every line read so far that was neither accepted nor rejected
-        counts["other_part"] = next_ordinal - start - state["accepted"] - state["rejected"]
+        counts["other_part"] = state.get("other_part", 0)  # counted like the others: a lying journal shows
     rejects = _open_rejects(out, rejects_name, state)
 
     def on_shard(last_ordinal: int) -> None:
@@ -603,6 +608,7 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
                 "rejected": counts["rejected"],
                 "audio_seconds": counts["audio_seconds"],
                 "reasons": dict(counts["reasons"]),
+                **({"other_part": counts["other_part"]} if cfg.split else {}),
             }
         )
 
@@ -665,10 +671,10 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
     rejects.close()
     num_inputs = end - start
     if counts["accepted"] + counts["rejected"] + counts["other_part"] != num_inputs:  # this function's invariant
+        other = f" + {counts['other_part']} of the split's other part" if split is not None else ""
         raise CheckFailed(
-            f"accounting error in {out}: {counts['accepted']} accepted + {counts['rejected']} rejected + "
-            f"{counts['other_part']} of the split's other part != {num_inputs} inputs; start the build again in an "
-            "empty --out directory"
+            f"accounting error in {out}: {counts['accepted']} accepted + {counts['rejected']} rejected{other} != "
+            f"{num_inputs} inputs; start the build again in an empty --out directory"
         )
     summary = {
         "inputs": num_inputs,
