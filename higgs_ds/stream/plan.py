@@ -454,6 +454,9 @@ class _Groups:
 def _speaker_groups(samples: _Samples, eligible: np.ndarray) -> _Groups:
     """One stable sort of the speaker keys (two 16-bit radix passes) gives each speaker's members as one run
     in index order, its first sample at the run's start; the runs are then put in the order of those."""
+    if len(eligible) == 0:  # no sample can be a cloning target (e.g. a set of dialogues): no groups
+        none = np.zeros(0, np.int64)
+        return _Groups(eligible[:0], np.zeros(0, np.int32), none, none)
     keys = samples.speaker_keys(eligible)
     by_key = _stable_argsort(keys)
     sorted_keys = keys[by_key]
