@@ -345,3 +345,11 @@ def test_a_set_mixes_shard_directories_and_jsonl_files_with_unique_ids(tmp_path,
         load_set([str(path), str(small_shards)], tokenizer, tiny_codec)  # the JSONL took the id first
     with pytest.raises(UserError, match="named .jsonl"):
         load_set([str(write_manifest(tmp_path, [{"text": "x"}], "set.json"))], tokenizer, tiny_codec)
+
+
+def test_a_shard_sample_id_names_a_file_in_out_never_a_path():
+    from higgs_ds.eval.eval_set import wav_name
+
+    assert wav_name("alice_001") == "alice_001"
+    assert wav_name("../../etc/passwd") == "_.._etc_passwd"  # no separator, no leading dot: stays in --out
+    assert wav_name("spk/utt 1") == "spk_utt_1" and wav_name("...") == "item" and len(wav_name("a" * 500)) == 100

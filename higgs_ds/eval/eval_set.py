@@ -69,6 +69,11 @@ def is_jsonl(source: str) -> bool:
     return str(source).lower().endswith(".jsonl")
 
 
+def wav_name(sample_id: str) -> str:
+    """The WAV file name of an item: a shard's sample id is data, never a path (no '/', no leading dot)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", sample_id).lstrip(".")[:100] or "item"
+
+
 def load_set(sources: list[str], tokenizer, codec, *, limit=None, max_reference_seconds=30.0) -> EvalSet:
     """Each --set in turn: a .jsonl file is an external set (jsonl_items), anything else a held-out shard
     directory (shard_items); `limit` counts the items of all of them. Ids are unique across the set: each
@@ -87,10 +92,10 @@ def load_set(sources: list[str], tokenizer, codec, *, limit=None, max_reference_
             raise UserError(f"--set {source}: a file is read as an external set when it is named .jsonl; a "
                             "held-out set is a shard directory (index.json)")  # fmt: skip
         for item in shard_items([source], tokenizer, left):
-            if item.name in names:
-                raise UserError(f"{source}: sample id {item.name!r} is also at {names[item.name]}: ids name the "
-                                "WAV files, evaluate each set on its own or rename one")  # fmt: skip
-            names[item.name] = source
+            if wav_name(item.name) in names:
+                raise UserError(f"{source}: sample id {item.name!r} is also at {names[wav_name(item.name)]}: ids "
+                                "name the WAV files, evaluate each set on its own or rename one")  # fmt: skip
+            names[wav_name(item.name)] = source
             items.append(item)
     return EvalSet(list(sources), items, refused, lines)
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from higgs_ds.errors import UserError
 from higgs_ds.eval import metrics as M
-from higgs_ds.eval.eval_set import EvalItem, load_set, recordings
+from higgs_ds.eval.eval_set import EvalItem, load_set, recordings, wav_name
 from higgs_ds.eval.scoring import ScoredItem, score_waves
 from higgs_ds.safe_io import atomic_write_bytes
 
@@ -113,7 +113,8 @@ def evaluate(
     for name, kind, path, family in systems:
         waves = _generate(path, family, items, codec, sampling, device, dtype, seed, name, say)
         result = SystemResult(name, kind, str(path))
-        result.wavs = [_write_wav(out_dir / name / f"{item.name}.wav", w, rate) for item, w in zip(items, waves)]
+        files = [out_dir / name / f"{wav_name(item.name)}.wav" for item in items]
+        result.wavs = [_write_wav(f, w, rate) for f, w in zip(files, waves)]
         seconds = [None if t is None else M.speech_seconds(t, rate) for t in targets]
         result.scored = score_waves(waves, rate, [i.text for i in items], [i.language for i in items], judges,
                                     speaker_refs=refs, target_seconds=[s or None for s in seconds])  # fmt: skip
@@ -167,7 +168,7 @@ def _judge_reference(items, targets, refs, rate, judges, out_dir) -> SystemResul
                                 [items[i].language for i in have], judges, speaker_refs=cloned)  # fmt: skip
     for i, item in zip(have, result.scored):
         item.scores.duration_ratio = item.row["duration_ratio"] = 1.0
-    result.wavs = [_write_wav(out_dir / REFERENCE / f"{items[i].name}.wav", targets[i], rate) for i in have]
+    result.wavs = [_write_wav(out_dir / REFERENCE / f"{wav_name(items[i].name)}.wav", targets[i], rate) for i in have]
     return result
 
 
