@@ -10,8 +10,8 @@ expansion as its input instead (the processor's layout):
                           boson does with audio_in_discrete_codes_mask | audio_out_mask); right-padded with
                           pad_token_id to a multiple of `round_to`, like boson's training batch
     audio_input_ids       (B, F, K): each sample's items in order, framed [stream BOS, codes, stream EOS] and
-                          delayed exactly as boson's collator frames a segment (higgs_ds.stream.collate's
-                          `_segments`, checked against boson's collator); right-padded with stream EOS
+                          delayed exactly as boson's collator frames a segment (the layout of higgs_ds.stream.
+                          collate's `_segments`, checked against boson's collator); right-padded with stream EOS
     label_ids / labels    boson's *expanded* text labels: the sample's labels on text tokens, -100 on audio
     label_audio_ids       (K, N): boson's collator's labels of the audio-out segments ([-100, codes, EOS],
                           delayed; all -100 for an untrained segment), the N columns of audio_out_mask
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from higgs_ds.errors import UserError
-from higgs_ds.stream.collate import _segments
+from higgs_ds.stream.collate import _bos_cells, _delayed
 
 IGNORE = -100
 
@@ -73,14 +73,15 @@ class NativeCollator:
     def __call__(self, samples: list) -> dict:
         if not samples:
             raise ValueError("empty micro-batch")
-        ids = np.concatenate([np.asarray(s.input_ids, np.int64) for s in samples])
-        labels = np.concatenate([np.asarray(s.label_ids, np.int64) for s in samples])
-        row = np.repeat(np.arange(len(samples)), [len(s.input_ids) for s in samples])  # sample of each token
+        lengths = np.array([len(s.input_ids) for s in samples], np.int64)
+        ids = np.concatenate([s.input_ids for s in samples], dtype=np.int64)
+        labels = np.concatenate([s.label_ids for s in samples], dtype=np.int64)
+        row = np.repeat(np.arange(len(samples)), lengths)  # sample of each token
         is_out = ids == self.audio_out
         is_audio = is_out | (ids == self.audio_in)
         frames = self._frames(samples, np.bincount(row[is_audio], minlength=len(samples)))
         seg_len = frames + self.num_codebooks + 1  # framed (T + 2) and delayed (K - 1)
-        batch = self._text(ids, labels, row, is_audio, is_out, frames, seg_len, len(samples))
+        batch = self._text(ids, labels, lengths, row, is_audio, is_out, frames, seg_len)
         # an audio-out segment is trained iff its placeholder's label is (boson's audio_out_no_train_flag)
         trained = (is_out & (labels >= 0))[is_audio]
         batch.update(self._audio(samples, row[is_audio], is_out[is_audio], trained, seg_len))
@@ -102,31 +103,37 @@ class NativeCollator:
                 )
         return np.array([t for s in samples for t in s.frames], np.int64)
 
-    def _text(self, ids, labels, row, is_audio, is_out, frames, seg_len, batch_size) -> dict:
-        """input_ids, attention_mask, label_ids, audio_out_mask (B, S): every placeholder token repeated over
-        its segment's columns, then the segment's last K - 1 columns made delay tokens."""
+    def _text(self, ids, labels, lengths, row, is_audio, is_out, frames, seg_len) -> dict:
+        """input_ids, attention_mask, label_ids, audio_out_mask (B, S). One np.repeat per array makes the
+        padded rows directly: each token is repeated over its columns (a placeholder over its segment's),
+        and a pad entry after each sample's tokens over the rest of its row; then the segments' last K - 1
+        columns become delay tokens."""
+        batch_size, k = len(lengths), self.num_codebooks
         repeat = np.ones(len(ids), np.int64)
         repeat[is_audio] = seg_len
-        flat_ids, flat_labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
-        flat_audio, flat_out, flat_row = np.repeat(is_audio, repeat), np.repeat(is_out, repeat), np.repeat(row, repeat)
-        flat_ids[flat_audio] = self.audio_token
-        flat_labels[flat_audio] = IGNORE  # no text target on audio, the placeholder's own label included
-        seg_start = (np.cumsum(repeat) - repeat)[is_audio]
-        flat_ids[((seg_start + frames + 2)[:, None] + np.arange(self.num_codebooks - 1)).ravel()] = self.delay_token
-        lengths = np.bincount(flat_row, minlength=batch_size)
-        width = -(-int(lengths.max()) // self.round_to) * self.round_to
-        col = np.arange(len(flat_ids)) - (np.cumsum(lengths) - lengths)[flat_row]
-        input_ids = np.full((batch_size, width), self.pad, np.int64)
-        label_ids = np.full((batch_size, width), IGNORE, np.int64)
-        attention_mask = np.zeros((batch_size, width), np.int64)
-        audio_out_mask = np.zeros((batch_size, width), bool)
-        input_ids[flat_row, col], label_ids[flat_row, col], attention_mask[flat_row, col] = flat_ids, flat_labels, 1
-        audio_out_mask[flat_row, col] = flat_out
+        ends = np.cumsum(lengths)
+        expanded = np.diff(np.concatenate(([0], np.cumsum(repeat)))[ends], prepend=0)
+        width = -(-int(expanded.max()) // self.round_to) * self.round_to
+        token_at = np.arange(len(ids)) + row  # place in the tokens with one pad entry after each sample
+        pad_at = ends + np.arange(batch_size)
+        spans = np.empty(len(ids) + batch_size, np.int64)
+        spans[token_at], spans[pad_at] = repeat, width - expanded
+
+        def rows(values, pad, dtype):
+            entries = np.full(len(spans), pad, dtype)
+            entries[token_at] = values
+            return np.repeat(entries, spans).reshape(batch_size, width)
+
+        input_ids = rows(np.where(is_audio, self.audio_token, ids), self.pad, np.int64)
+        seg_start = (np.cumsum(spans) - spans)[token_at[is_audio]]
+        delays = ((seg_start + frames + 2)[:, None] + np.arange(k - 1)).ravel()
+        input_ids.reshape(-1)[delays] = self.delay_token
         return {
             "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "label_ids": torch.from_numpy(label_ids),
-            "audio_out_mask": torch.from_numpy(audio_out_mask),
+            "attention_mask": torch.from_numpy(rows(1, 0, np.int64)),
+            # no text target on audio, the placeholder's own label included
+            "label_ids": torch.from_numpy(rows(np.where(is_audio, IGNORE, labels), IGNORE, np.int64)),
+            "audio_out_mask": torch.from_numpy(rows(is_out, False, bool)),
         }
 
     def _audio(self, samples, item_row, item_out, trained, seg_len) -> dict:
@@ -135,7 +142,10 @@ class NativeCollator:
         k, batch_size = self.num_codebooks, len(samples)
         segments = []
         for s in samples:
-            starts = np.cumsum([0, *s.frames])
+            if len(s.frames) == 1:
+                segments.append(s.codes[:k])
+                continue
+            starts = np.cumsum([0, *s.frames]).tolist()
             segments += [s.codes[:k, a:b] for a, b in zip(starts[:-1], starts[1:])]
         if not segments:  # a text-only batch: no frames (the model still runs its audio modules on none)
             return {
@@ -143,18 +153,49 @@ class NativeCollator:
                 "audio_input_ids_mask": torch.zeros((batch_size, 0), dtype=torch.bool),
                 "label_audio_ids": torch.zeros((0, 0), dtype=torch.long),
             }
-        ids, seg_labels, _ = _segments(segments, self.bos, self.eos, True, trained.tolist())
-        col_row = np.repeat(item_row, seg_len)
-        per_sample = np.bincount(col_row, minlength=batch_size)
-        col = np.arange(ids.shape[1]) - (np.cumsum(per_sample) - per_sample)[col_row]
-        audio_input_ids = np.full((batch_size, int(per_sample.max()), k), self.eos, np.int64)
-        mask = np.zeros(audio_input_ids.shape[:2], bool)
-        audio_input_ids[col_row, col], mask[col_row, col] = ids.T, True
-        out_cols = np.repeat(item_out, seg_len)
-        # boson's collator gives (0, 0) when no segment is audio-out
-        label_audio_ids = seg_labels[:, out_cols] if out_cols.any() else np.zeros((0, 0), np.int64)
+        per_sample = np.bincount(item_row, weights=seg_len, minlength=batch_size).astype(np.int64)
+        frames_width = int(per_sample.max())
+        # each segment's first column in the (B * F) frames of the batch: its sample's row, then its place
+        seg_start = np.cumsum(seg_len) - seg_len
+        seg_start += item_row * frames_width - (np.cumsum(per_sample) - per_sample)[item_row]
+        audio_input_ids = _frame_major_segments(segments, seg_start, batch_size * frames_width, k, self.bos, self.eos)
+        mask = np.arange(frames_width) < per_sample[:, None]
+        label_audio_ids = np.zeros((0, 0), np.int64)  # boson's collator gives (0, 0) when no segment is audio-out
+        if item_out.any():
+            out = np.flatnonzero(item_out)
+            out_len = seg_len[out]
+            out_start = np.cumsum(out_len) - out_len
+            label_audio_ids = _segment_labels(
+                [segments[i] for i in out], out_start, int(out_len.sum()), trained[out].tolist(), self.eos
+            )
         return {
-            "audio_input_ids": torch.from_numpy(audio_input_ids),
+            "audio_input_ids": torch.from_numpy(audio_input_ids.reshape(batch_size, frames_width, k)),
             "audio_input_ids_mask": torch.from_numpy(mask),
-            "label_audio_ids": torch.from_numpy(np.ascontiguousarray(label_audio_ids)),
+            "label_audio_ids": torch.from_numpy(label_audio_ids),
         }
+
+
+def _frame_major_segments(segments, seg_start, width: int, k: int, bos: int, eos: int) -> np.ndarray:
+    """(width, K) frames of stream EOS with each segment framed [BOS, codes, EOS] and delayed at its start
+    column: codebook row r of a segment shifted r frames later, BOS before it. Written through a strided
+    view in which (r, c) is frame c + r, codebook r, so each segment is one undelayed copy; the cells of
+    that view past the last frame (the last segment's tail) are never written (see collate._delayed)."""
+    buffer = np.full(width * k + k * k, eos, np.int64)
+    view = np.lib.stride_tricks.as_strided(buffer, shape=(k, width), strides=((k + 1) * 8, k * 8))
+    for seg, o in zip(segments, (seg_start + 1).tolist()):
+        view[:, o : o + seg.shape[1]] = seg
+    rows, offsets = _bos_cells(k, True)
+    buffer[((seg_start[:, None] + offsets[None, :]) * k + rows[None, :]).ravel()] = bos
+    return buffer[: width * k]
+
+
+def _segment_labels(segments, seg_start, width: int, trained: list, eos: int) -> np.ndarray:
+    """(K, width) labels of audio-out segments laid end to end: [-100, codes, EOS] delayed for a trained
+    segment, all -100 for an untrained one (boson's collator's label_audio_ids)."""
+    k = segments[0].shape[0]
+    labels, view = _delayed(k, width, IGNORE, True)
+    for seg, o, keep in zip(segments, (seg_start + 1).tolist(), trained):
+        if keep:
+            view[:, o : o + seg.shape[1]] = seg
+            view[:, o + seg.shape[1]] = eos
+    return labels
