@@ -11,6 +11,10 @@ Two families of Higgs-Audio v2 checkpoints exist, and no single Python environme
   every community fine-tune made with boson's code. Needs transformers < 4.47: its own environment
   (`make boson` -> .venv-boson).
 
+A third family is Boson's current model, Higgs TTS 3 (`v3`: config `model_type` "higgs_multimodal_qwen3",
+bosonai/higgs-tts-3-4b): transformers' Qwen3 backbone plus higgs_ds.models.v3's fused codebook table. It
+needs transformers >= 4.51 (Qwen3), so the default environment trains it beside the native family.
+
 The family is read from config.json (JSON only, nothing executed). A directory of the other family is a
 one-line UserError saying which environment or conversion to use.
 """
@@ -23,15 +27,18 @@ from pathlib import Path
 
 from higgs_ds.errors import UserError
 
-NATIVE, BOSON = "native", "boson"
-FAMILIES = (NATIVE, BOSON)
-MODEL_TYPES = {"higgs_audio_v2": NATIVE, "higgs_audio": BOSON}
+NATIVE, BOSON, V3 = "native", "boson", "v3"
+FAMILIES = (NATIVE, BOSON)  # the Higgs-Audio v2 formats, converted into each other (`higgs-ds convert --to`)
+MODEL_TYPES = {"higgs_audio_v2": NATIVE, "higgs_audio": BOSON, "higgs_multimodal_qwen3": V3}
 NATIVE_CODEC_TYPE = "higgs_audio_v2_tokenizer"
 BOSON_VENV = ".venv-boson"
 ENVIRONMENT_HELP = {
     NATIVE: "the default environment (`make install` -> .venv, `pip install 'higgs-ds[native]'`)",
     BOSON: f"the boson environment (`make boson` -> {BOSON_VENV}, `pip install 'higgs-ds[boson]'`)",
+    V3: "the default environment (`make install` -> .venv, `pip install 'higgs-ds[native]'`)",
 }
+# the environment that trains each family (the default one trains the native and the v3 family)
+TRAINED_IN = {NATIVE: NATIVE, BOSON: BOSON, V3: NATIVE}
 
 
 class FamilyError(UserError):
@@ -52,12 +59,12 @@ def _config(path: Path) -> dict:
 
 
 def model_family(model_dir: str | Path) -> str:
-    """NATIVE or BOSON, from config.json's model_type."""
+    """NATIVE, BOSON or V3, from config.json's model_type."""
     model_type = _config(Path(model_dir)).get("model_type")
     family = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise FamilyError(
-            f"{model_dir}/config.json: model_type {model_type!r} is not a Higgs-Audio v2 model "
+            f"{model_dir}/config.json: model_type {model_type!r} is not a Higgs-Audio v2 or Higgs TTS 3 model "
             f"(expected one of {sorted(MODEL_TYPES)})"
         )
     return family
@@ -88,6 +95,8 @@ def environment_family() -> str:
 
 
 def _wrong_family(kind: str, path, family: str, here: str) -> FamilyError:
+    if family == V3:
+        return FamilyError(f"{path} is a Higgs TTS 3 model, which {ENVIRONMENT_HELP[V3]} trains")
     return FamilyError(
         f"{path} is a {family}-format Higgs-Audio v2 {kind}, and this environment trains the {here} format: "
         f"use {ENVIRONMENT_HELP[family]}, or convert it with `higgs-ds convert {path} --to {here} --out DIR`"
@@ -97,7 +106,7 @@ def _wrong_family(kind: str, path, family: str, here: str) -> FamilyError:
 def require_model_family(model_dir: str | Path) -> str:
     """The directory's family, when this environment can load it; else a FamilyError saying what to do."""
     family, here = model_family(model_dir), environment_family()
-    if family != here:
+    if TRAINED_IN[family] != here:
         raise _wrong_family("model", model_dir, family, here)
     return family
 
@@ -110,7 +119,12 @@ def require_codec_family(codec_dir: str | Path) -> str:
 
 
 def register_auto_classes() -> None:
-    """Make AutoConfig / AutoModel know this environment's family: boson's classes register themselves when
-    imported; the native ones are part of transformers."""
+    """Make AutoConfig / AutoModel know this environment's families: boson's classes register themselves when
+    imported; the native ones are part of transformers; the v3 config is ours, registered locally (never
+    trust_remote_code)."""
     if environment_family() == BOSON:
         import boson_multimodal.model.higgs_audio  # noqa: F401
+    else:
+        from higgs_ds.models.v3.config import register_v3
+
+        register_v3()

@@ -1,4 +1,4 @@
-"""The one small interface the trainer sees of a model family (native or boson; see models.family).
+"""The one small interface the trainer sees of a model family (native, boson or v3; see models.family).
 
 Everything family-specific that training, evaluation and export need goes through here:
 
@@ -7,9 +7,10 @@ Everything family-specific that training, evaluation and export need goes throug
     logits_for_loss(model, batch)    (text logits, text labels on the same positions, audio logits of the
                                      audio-out positions): what higgs_ds.train.loss.higgs_loss takes
 
-Both families see the same positions: boson expands one placeholder per audio item inside its forward,
+Both v2 families see the same positions: boson expands one placeholder per audio item inside its forward,
 the native layout has one placeholder per delayed frame in the batch itself (T + K + 1 either way), so the
-loss code is one.
+loss code is one. Higgs TTS 3 (v3) lays its prompt out differently (higgs_ds.models.v3.batch) but gives the
+loss the same thing: the audio-out positions' logits and labels whose column j + 1 is predicted by column j.
 """
 
 from __future__ import annotations
@@ -17,30 +18,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from higgs_ds.models.family import BOSON, MODEL_TYPES, NATIVE
+from higgs_ds.models.family import BOSON, MODEL_TYPES, NATIVE, V3
 
 
 @dataclass(frozen=True)
 class Geometry:
     num_codebooks: int
     code_vocab: int  # codes a codec emits per codebook (1024); stream BOS/EOS come after
-    stream_bos: int
-    stream_eos: int
+    stream_bos: int  # v3: BOC, the delay pattern's fill before a codebook starts
+    stream_eos: int  # v3: EOC, the fill after it ends (codebook 0's EOC ends generation)
 
 
 def config_family(config) -> str:
     family = MODEL_TYPES.get(getattr(config, "model_type", None))
     if family is None:
-        raise ValueError(f"not a Higgs-Audio v2 config: model_type {getattr(config, 'model_type', None)!r}")
+        raise ValueError(f"not a Higgs-Audio config: model_type {getattr(config, 'model_type', None)!r}")
     return family
 
 
 def geometry(config) -> Geometry:
-    if config_family(config) == NATIVE:  # codebook_size counts the stream BOS/EOS ids (1026)
-        return Geometry(config.num_codebooks, config.codebook_size - 2, config.audio_stream_bos_id,
-                        config.audio_stream_eos_id)
-    return Geometry(config.audio_num_codebooks, config.audio_codebook_size, config.audio_stream_bos_id,
-                    config.audio_stream_eos_id)
+    family = config_family(config)
+    if family == V3:  # codebook_size counts BOC/EOC (1026)
+        size = config.codebook_size
+        return Geometry(config.num_codebooks, size - 2, size - 2, size - 1)
+    if family == NATIVE:  # codebook_size counts the stream BOS/EOS ids (1026)
+        return Geometry(
+            config.num_codebooks, config.codebook_size - 2, config.audio_stream_bos_id, config.audio_stream_eos_id
+        )
+    return Geometry(
+        config.audio_num_codebooks, config.audio_codebook_size, config.audio_stream_bos_id, config.audio_stream_eos_id
+    )
 
 
 def text_config(config):
@@ -51,7 +58,12 @@ def text_config(config):
 def make_collator(config, tokenizer, mode: str = "fast"):
     """The batch maker of the config's family. `mode` ("fast" | "boson") chooses boson's own collator or
     ours for the boson family; the native family has one layout (checked against boson's in the tests)."""
-    if config_family(config) == NATIVE:
+    family = config_family(config)
+    if family == V3:
+        from higgs_ds.models.v3.batch import V3Collator
+
+        return V3Collator(config, tokenizer)
+    if family == NATIVE:
         from higgs_ds.models.native.batch import NativeCollator
 
         return NativeCollator(config, tokenizer)
@@ -68,6 +80,11 @@ class LossInputs(NamedTuple):
 
 
 def logits_for_loss(model, batch: dict, family: str) -> LossInputs:
+    if family == V3:
+        from higgs_ds.models.v3.logits import v3_logits
+
+        text_logits, audio_logits = v3_logits(model, batch)
+        return LossInputs(text_logits, batch["label_ids"], audio_logits, int(batch["attention_mask"].sum()))
     if family == NATIVE:
         from higgs_ds.models.native.logits import native_logits
 
@@ -79,4 +96,14 @@ def logits_for_loss(model, batch: dict, family: str) -> LossInputs:
     return LossInputs(out.logits, out.expanded_labels, out.audio_logits, int(out.attention_mask.sum()))
 
 
-__all__ = ["BOSON", "NATIVE", "Geometry", "LossInputs", "geometry", "make_collator", "logits_for_loss", "text_config"]
+__all__ = [
+    "BOSON",
+    "NATIVE",
+    "V3",
+    "Geometry",
+    "LossInputs",
+    "geometry",
+    "make_collator",
+    "logits_for_loss",
+    "text_config",
+]

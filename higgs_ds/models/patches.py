@@ -22,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 
 from higgs_ds.errors import UserError
-from higgs_ds.models.family import BOSON, NATIVE
+from higgs_ds.models.family import BOSON, NATIVE, V3
 
 # The audio side of a Higgs-Audio v2 model (DualFFN): per decoder layer the audio FFN and the two audio
 # RMSNorms (audio positions go through them instead of mlp / the text norms), the audio head (text_lm_head,
@@ -49,6 +49,12 @@ AUDIO_SIDES = {
     NATIVE: AudioSide(
         ("audio_lm_head", "embed_audio_tokens.embed_audio_tokens"),  # not the wrapper module of the same name
         r"^(model\." + _LAYER_AUDIO + r"|audio_lm_head\.|model\.embed_audio_tokens\.)",
+    ),
+    # Higgs TTS 3 has no audio-only layers: its audio side is the fused codebook table, which is both the
+    # audio input embedding and the (tied) audio head (higgs_ds.models.v3.model)
+    V3: AudioSide(
+        ("modality_embeddings.0.embedding",),  # the full suffix: "embedding" alone would match text_embedding
+        r"^tied\.embedding\.modality_embeddings\.0\.embedding\.",
     ),
 }
 # boson's, as before (tests and older callers)

@@ -53,6 +53,7 @@ from higgs_ds.stream.tokens import SampleEncoder, tokenizer_fingerprint
 from higgs_ds.train.checkpoint import check_data_state
 
 log = logging.getLogger(__name__)
+V3 = "v3"  # higgs_ds.models.family.V3 (the stream sits below models)
 # Workers are forked after the tokenizer ran in the parent; the Rust pool must not be shared.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -115,15 +116,24 @@ class DataConfig:
 class ShardStream(torch.utils.data.IterableDataset):
     """This rank's micro-batches of encoded samples for the current epoch, from `start_batch` on."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, *, rank: int, world_size: int):
+    def __init__(self, cfg: DataConfig, tokenizer, *, rank: int, world_size: int, family: str | None = None):
+        """`family` "v3" encodes Higgs TTS 3 prompts and plans with the shards' v3 lengths; anything else
+        (None, "native", "boson") boson's prepare_chatml_sample tokens and the v2 lengths."""
         if not cfg.shards:
             raise PlanError("no shard directories given (data.shards is empty)")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.refs = shard_refs(cfg.shards)
+        v3 = family == V3
+        self.refs = shard_refs(cfg.shards, lengths_for=V3) if v3 else shard_refs(cfg.shards)
         indexes = [load_index(d) for d in cfg.shards]
         mine = tokenizer_fingerprint(tokenizer)
-        stored = all(index["build"].get("tokenizer_fingerprint") == mine for index in indexes)
-        self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
+        if v3:
+            _check_v3_lengths(cfg, indexes, mine)
+            from higgs_ds.models.v3.prompt import V3SampleEncoder  # the family's prompts: models sits above stream
+
+            self.encode = V3SampleEncoder(tokenizer)
+        else:
+            stored = all(index["build"].get("tokenizer_fingerprint") == mine for index in indexes)
+            self.encode = SampleEncoder(tokenizer, stored_tokens=stored)
         # stored token ids must be ids of this tokenizer: one outside it would index past the embedding
         self.vocab_size = len(tokenizer)
         self.shard_sets = [shard_set_fingerprint(index) for index in indexes]
@@ -250,6 +260,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.encode.with_reference(record, next(ref_records)) if pos in references else self.encode(record)
             for pos, record in zip(batch, records)
         ]
+
+
+def _check_v3_lengths(cfg: DataConfig, indexes: list[dict], mine: str) -> None:
+    """Budget batching and max_length plan with the lengths the shard builder stored for a v3 tokenizer;
+    lengths of another tokenizer would be other positions than the batches have: refused."""
+    if not (cfg.max_tokens or cfg.max_length or cfg.clone_references):
+        return
+    from higgs_ds.stream.reader import lengths_tokenizer
+
+    for shard_dir, index in zip(cfg.shards, indexes):
+        theirs = lengths_tokenizer(index, V3)
+        if theirs != mine:
+            what = "no Higgs TTS 3 lengths" if theirs is None else "Higgs TTS 3 lengths of another tokenizer"
+            raise PlanError(
+                f"{shard_dir}: its index has {what}, which data.max_tokens, data.max_length and "
+                "data.clone_references plan with: build the shards with `--tokenizer` naming this Higgs TTS 3 "
+                "model directory too (a v2 tokenizer may be given beside it), or use data.batch_size alone"
+            )
 
 
 def shard_set_fingerprint(index: dict) -> dict:
@@ -523,7 +551,8 @@ def _describe_set(fp: dict) -> str:
 def build_dataloader(cfg: DataConfig, tokenizer, model_config, *, rank: int, world_size: int) -> EpochDataLoader:
     """This rank's loader with the batch layout of `model_config`'s family (tests, benchmarks, tools; the
     trainer makes its own from the same parts)."""
-    from higgs_ds.models.interface import make_collator  # the family's layout: models sits above stream
+    # the family's layout and prompts: models sits above stream
+    from higgs_ds.models.interface import config_family, make_collator
 
-    stream = ShardStream(cfg, tokenizer, rank=rank, world_size=world_size)
+    stream = ShardStream(cfg, tokenizer, rank=rank, world_size=world_size, family=config_family(model_config))
     return EpochDataLoader(stream, make_collator(model_config, tokenizer, cfg.collator), cfg.num_workers)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from higgs_ds.models.family import environment_family, model_family
+from higgs_ds.errors import UserError
+from higgs_ds.models.family import V3, environment_family, model_family
 from higgs_ds.models.patches import AUDIO_FFN_LINEARS, AUDIO_NORMS, AUDIO_SIDES
 from higgs_ds.train.checkpoint import is_complete, latest_complete, read_data_state
 from higgs_ds.train.swift import cli_hooks, redact  # noqa: F401  installed at import: SwiftSft's hooks, redaction
@@ -36,6 +37,8 @@ def _dtype(cfg) -> str:
 def _tuner_args(cfg, family: str) -> dict:
     """SWIFT's tuner arguments for cfg.tuner and cfg.train_modules (see TrainConfig.train_modules)."""
     audio = AUDIO_SIDES[family]
+    if family == V3:
+        return _v3_tuner_args(cfg, audio)
     if cfg.tuner == "lora" and cfg.train_modules == "audio":
         return {
             "lora_rank": cfg.lora_rank,
@@ -49,6 +52,26 @@ def _tuner_args(cfg, family: str) -> dict:
     if cfg.train_modules == "audio":
         # SWIFT's own freezing, applied to the loaded model before DeepSpeed is initialised: frozen
         # parameters get no optimizer state, and checkpoints still hold every weight.
+        return {"freeze_parameters_ratio": 1, "trainable_parameters_regex": audio.parameters}
+    return {}
+
+
+def _v3_tuner_args(cfg, audio) -> dict:
+    """Higgs TTS 3: LoRA adapters on every backbone projection (SWIFT's all-linear: the model has no other
+    nn.Linear) with the fused codebook table, its audio input embedding and tied head, trained in full as ONE
+    module (modules_to_save copies it once, so the tie holds); train_modules "audio" trains that table alone."""
+    if cfg.tuner == "lora" and cfg.train_modules == "audio":
+        raise UserError(
+            'train_modules = "audio" with LoRA: Higgs TTS 3 has no audio-only layers to put adapters on; use '
+            'train_modules = "all" (adapters on the backbone, the codebook table in full) or tuner = "full"'
+        )
+    if cfg.tuner == "lora":
+        return {
+            "lora_rank": cfg.lora_rank,
+            "target_modules": "all-linear",
+            "modules_to_save": [*audio.head_and_embeddings],
+        }
+    if cfg.train_modules == "audio":
         return {"freeze_parameters_ratio": 1, "trainable_parameters_regex": audio.parameters}
     return {}
 

@@ -9,7 +9,7 @@ from swift.utils import get_logger
 
 from higgs_ds.errors import UserError
 from higgs_ds.eval.validation import AudioSamples, eval_data_config
-from higgs_ds.models.interface import geometry
+from higgs_ds.models.interface import config_family, geometry
 from higgs_ds.stream.loader import DataConfig, ShardStream
 from higgs_ds.stream.reader import codec_mismatches, load_index
 from higgs_ds.train.checkpoint import latest_complete
@@ -31,7 +31,7 @@ def open_shard_stream(data: DataConfig, model_config, tokenizer) -> ShardStream:
         check_codec_matches(load_index(d), model_config, d)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    stream = ShardStream(data, tokenizer, rank=rank, world_size=world)
+    stream = ShardStream(data, tokenizer, rank=rank, world_size=world, family=config_family(model_config))
     stream.check_workers(data.num_workers)  # now, not after the trainer is built
     logger.info(f"shard stream: rank {rank}/{world}, {stream.num_batches()} batches per epoch per rank")
     return stream

@@ -59,7 +59,8 @@ class HiggsAudioTemplate(Template):
             counts = getattr(trainer, "throughput_counts", None)
             if counts is not None and model.training:
                 labels = inputs["label_audio_ids"][0]
-                frames = ((labels != -100) & (labels != self.config.audio_stream_eos_id)).sum().item()
+                eos = geometry(self.config).stream_eos  # v2's stream EOS, v3's EOC: not a frame
+                frames = ((labels != -100) & (labels != eos)).sum().item()
                 counts["tokens"] += out.attended
                 counts["audio_seconds"] += frames / 25.0  # the codec's frame rate (checked against the shards)
                 counts["sequences"] += int(inputs["input_ids"].shape[0])

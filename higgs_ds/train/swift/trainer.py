@@ -260,12 +260,12 @@ def warn_if_worse(history: list[dict], evaluations: int) -> list[str]:
 def save_probe(trainer, cfg) -> None:
     """Logits of the trained model (the live DeepSpeed engine) on one fixed batch, for export checks.
     Every rank runs the forward (ZeRO-3 gathers parameters collectively); rank 0 writes the file."""
-    stream = ShardStream(cfg.data, trainer.template.tokenizer, rank=0, world_size=1)
+    family = config_family(trainer.model.config)
+    stream = ShardStream(cfg.data, trainer.template.tokenizer, rank=0, world_size=1, family=family)
     batch = trainer.data_collator(next(iter(stream)))  # the first micro-batch of epoch 0 seen by one rank
     model = trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
     model.eval()
     device = next(trainer.model.parameters()).device
-    family = config_family(trainer.model.config)
     tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         out = logits_for_loss(model, {k: v.to(device) for k, v in tensors.items()}, family)
