@@ -111,10 +111,14 @@ def _grad_accum(cfg) -> int:
     return per_step // world
 
 
+def _family(cfg) -> str:
+    # the model directory's family (a missing or foreign one is refused by HiggsAudioLoader, with the reason)
+    return model_family(cfg.model) if Path(cfg.model, "config.json").is_file() else environment_family()
+
+
 def swift_argv(cfg) -> list[str]:
     dtype = _dtype(cfg)
-    # the model directory's family (a missing or foreign one is refused by HiggsAudioLoader, with the reason)
-    family = model_family(cfg.model) if Path(cfg.model, "config.json").is_file() else environment_family()
+    family = _family(cfg)
     args = {
         "model": cfg.model,
         "model_type": MODEL_TYPES[family],
@@ -180,6 +184,10 @@ def run_training(cfg) -> dict:
     )
     configure_single_process(bool(cfg.deepspeed))
     configure_cpu_ranks(bool(cfg.deepspeed))
+    if int(os.environ.get("RANK", "0")) == 0 and _family(cfg) == V3:  # once per run, before anything trains
+        from higgs_ds.models.v3.licence import TRAINING_TERMS
+
+        log.warning(TRAINING_TERMS)
     if int(os.environ.get("RANK", "0")) == 0:
         # HF's trainer states the run's size on INFO, under the warning level SWIFT leaves it at; among
         # it "Number of trainable parameters = N", counted at full size under ZeRO-3 (what train_modules left).
