@@ -7,8 +7,8 @@ are concatenated, the text encoded with add_special_tokens=False (no BOS, no spa
     cloning     <|tts|><|ref_text|>REF TEXT<|ref_audio|>[slot] x (Tref + 7)<|text|>TEXT<|audio|>[slot] x (T + 7)
 
 A slot is a position whose input is the fused embedding of one delayed row (higgs_ds.models.v3.delay): the
-reference's Tref + 7 rows are input only; the target's T + 7 rows are input and target, the <|audio|>
-position predicting row 0 and the slot of row k row k + 1. A reference without a transcript (empty user
+reference's Tref + 7 rows are input only; the target's T + 7 rows are input and target: <|audio|>'s
+position predicts row 0, the slot holding row k predicts row k + 1. A reference without a transcript (empty user
 text) has no <|ref_text|>, as in the public inference code.
 
 What becomes which prompt:
