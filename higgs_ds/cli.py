@@ -122,7 +122,8 @@ def _export(args):
         fmt=args.format,
         codec=args.codec,
     )
-    print(f"exported {out} ({args.format} format)")
+    written = json.loads((out / "higgs_ds_export.json").read_text())
+    print(f"exported {out} ({written.get('model_format')} format)")
 
 
 def _convert(args):
@@ -197,15 +198,15 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("tiny-model", help="write a tiny random-weight Higgs-Audio v2 model + tokenizer (offline)")
+    s = sub.add_parser("tiny-model", help="write a tiny random-weight Higgs-Audio model + tokenizer (offline)")
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--family",
-        choices=["native", "boson"],
+        choices=["native", "boson", "v3"],
         default=None,
-        help="native: HiggsAudioV2ForConditionalGeneration; boson: boson_multimodal's HiggsAudioModel "
-        "(default: the family this environment trains)",
+        help="native: HiggsAudioV2ForConditionalGeneration; boson: boson_multimodal's HiggsAudioModel; v3: Higgs "
+        "TTS 3 in its released layout (default environment) (default: the v2 family this environment trains)",
     )
     s.set_defaults(func=_tiny_model)
 
@@ -304,10 +305,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help="LoRA base model directory (default: the one recorded in the adapter)")
     s.add_argument(
         "--format",
-        choices=["native", "boson"],
+        choices=["native", "boson", "v3"],
         default="native",
         help="native (default): transformers-native HiggsAudioV2ForConditionalGeneration, as Boson publishes it "
-        "since April 2026; boson: boson_multimodal's HiggsAudioModel, for boson's serve engine",
+        "since April 2026; boson: boson_multimodal's HiggsAudioModel, for boson's serve engine; v3: a Higgs TTS 3 "
+        "checkpoint's released layout with its licence files (implied for a Higgs TTS 3 checkpoint)",
     )
     s.add_argument(
         "--codec",

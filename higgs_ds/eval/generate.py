@@ -10,7 +10,9 @@ each family lays it out and generates its own way:
   pattern, repetition-aware sampling) with a StaticCache bucket as the serve engine does;
 * native (HiggsAudioV2ForConditionalGeneration): transformers' own `generate()` on the native layout of the
   same prompt (higgs_ds.models.native.generate). Greedy codes equal boson's on the same weights
-  (tests/test_native_generate.py); sampled ones are repeatable per family.
+  (tests/test_native_generate.py); sampled ones are repeatable per family;
+* v3 (Higgs TTS 3): its own prompt (the training prompt's prefix, higgs_ds.models.v3.prompt) and loop with
+  v3's delay rules (higgs_ds.models.v3.generate); no repetition-aware sampling (v3 has none).
 
     prompt = prompt_from_record(record, tokenizer)     # record from read_shard / read_positions
     wave, codes = generate_audio(model, tokenizer, codec, record, max_new_frames=250, seed=0)
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from higgs_ds.models.family import MODEL_TYPES, NATIVE
+from higgs_ds.models.family import MODEL_TYPES, NATIVE, V3
 from higgs_ds.stream.tokens import chatml_tokens
 
 # The serve engine's forced-audio suffix (serve_engine.py, _prepare_inputs with force_audio_gen=True).
@@ -164,7 +166,7 @@ def _eval_mode(model):
 
 
 def _family_of(config) -> str:
-    """NATIVE or BOSON, from the loaded model's config (the directory's config.json said the same)."""
+    """NATIVE, BOSON or V3, from the loaded model's config (the directory's config.json said the same)."""
     family = MODEL_TYPES.get(getattr(config, "model_type", None))
     if family is None:
         raise ValueError(f"not a Higgs-Audio v2 model: config model_type {getattr(config, 'model_type', None)!r}")
@@ -204,6 +206,23 @@ def generate_codes(
     keeps running forwards, through the same modules, until all have finished. No inference mode: it
     would make ZeRO-3's gathered (persistent) parameters inference tensors and break the next backward."""
     higgs = _unwrap(model)
+    if _family_of(higgs.config) == V3:  # its own prompt and rules (no repetition-aware sampling in v3)
+        from higgs_ds.models.v3.generate import generate_v3_codes, record_prompt
+
+        prompt_ids, ref_rows = record_prompt(record, tokenizer)
+        with _eval_mode(model), torch.no_grad():
+            return generate_v3_codes(
+                higgs,
+                prompt_ids.tolist(),
+                ref_rows,
+                pad_id=tokenizer.pad_token_id,
+                max_new_frames=max_new_frames,
+                seed=seed,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                synced_gpus=synced_gpus,
+            )
     prompt = prompt_from_record(record, tokenizer)
     options = dict(
         max_new_frames=max_new_frames,

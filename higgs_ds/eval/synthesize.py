@@ -128,9 +128,13 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(model_dir: Path, family: str, dtype, device: str):
-    """Either family's model, strictly (every weight of the directory used, none missing), in eval mode."""
-    from higgs_ds.models.family import NATIVE
+    """The family's model, strictly (every weight of the directory used, none missing), in eval mode."""
+    from higgs_ds.models.family import NATIVE, V3
 
+    if family == V3:
+        from higgs_ds.models.v3.checkpoint import load_v3_model
+
+        return load_v3_model(model_dir, dtype=dtype, device=device).eval()
     if family == NATIVE:
         from higgs_ds.models.native.load import load_native_model
 
@@ -267,11 +271,31 @@ def _claim(outputs: Outputs, requests: list[SynthRequest], refused: list, say) -
     return kept
 
 
-def _prepare(requests, codec, tokenizer, max_reference_seconds: float, refused: list, say) -> list[tuple]:
+def _prompt_check(family: str):
+    """The family's prompt building, run once on each request so a text it refuses is refused up front."""
+    from higgs_ds.models.family import V3
+
+    if family != V3:
+        from higgs_ds.eval.generate import prompt_from_record
+
+        return prompt_from_record
+    from higgs_ds.models.v3.generate import record_prompt
+
+    def v3_prompt(record: dict, tokenizer):
+        if (record["json"].get("scene") or "").strip():
+            raise UserError(
+                "Higgs TTS 3 prompts have no scene description (no system turn): drop --scene and put inline "
+                "control tags such as <|emotion:elation|> or <|style:whispering|> in the text"
+            )
+        return record_prompt(record, tokenizer)
+
+    return v3_prompt
+
+
+def _prepare(requests, codec, tokenizer, family: str, max_reference_seconds: float, refused: list, say) -> list:
     """(request, record) for each request whose references encode and whose prompt tokenizes; each reference
     file is encoded once (a batch usually clones one voice)."""
-    from higgs_ds.eval.generate import prompt_from_record
-
+    check_prompt = _prompt_check(family)
     encoded: dict[str, np.ndarray | UserError] = {}
     ready = []
     for request in requests:
@@ -287,7 +311,9 @@ def _prepare(requests, codec, tokenizer, max_reference_seconds: float, refused: 
                     raise encoded[ref.audio]
                 codes.append(encoded[ref.audio])
             record = prompt_record(request, codes, codec.provenance["num_codebooks"])
-            prompt_from_record(record, tokenizer)  # a text boson's tokenization refuses is refused here
+            if request.scene:
+                record["json"]["scene"] = request.scene  # for the check only: v2 has it in the system turn
+            check_prompt(record, tokenizer)  # a text the family's prompt building refuses is refused here
             ready.append((request, record))
         except UserError as err:
             _refuse(refused, request, str(err), say)
@@ -382,7 +408,7 @@ def synthesize(
             if warning:
                 say(f"warning: {warning}")
             tokenizer = load_tokenizer(model_path)
-            ready = _prepare(requests, codec_obj, tokenizer, max_reference_seconds, refused, say)
+            ready = _prepare(requests, codec_obj, tokenizer, family, max_reference_seconds, refused, say)
         if ready:
             model = load_model(model_path, family, dtype_value, device)
             check_geometry(model, codec_obj)

@@ -125,6 +125,6 @@ def register_auto_classes() -> None:
     if environment_family() == BOSON:
         import boson_multimodal.model.higgs_audio  # noqa: F401
     else:
-        from higgs_ds.models.v3.config import register_v3
+        from higgs_ds.models.v3.modeling import register_v3
 
         register_v3()

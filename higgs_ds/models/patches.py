@@ -51,7 +51,7 @@ AUDIO_SIDES = {
         r"^(model\." + _LAYER_AUDIO + r"|audio_lm_head\.|model\.embed_audio_tokens\.)",
     ),
     # Higgs TTS 3 has no audio-only layers: its audio side is the fused codebook table, which is both the
-    # audio input embedding and the (tied) audio head (higgs_ds.models.v3.model)
+    # audio input embedding and the (tied) audio head (higgs_ds.models.v3.modeling)
     V3: AudioSide(
         ("modality_embeddings.0.embedding",),  # the full suffix: "embedding" alone would match text_embedding
         r"^tied\.embedding\.modality_embeddings\.0\.embedding\.",

@@ -86,9 +86,10 @@ def _file_headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise WeightsError(f"{path} is not a readable safetensors file ({err}): download or export it again") from None
 
 
-def read_headers(model_dir: str | os.PathLike) -> dict[str, TensorHeader]:
+def read_headers(model_dir: str | os.PathLike, unlisted_ok=frozenset()) -> dict[str, TensorHeader]:
     """Every tensor's name, shape, dtype and file, from the headers only. A key in two files, a shard the
-    index names but that is missing, or an index that disagrees with its shards is a WeightsError."""
+    index names but that is missing, or an index that disagrees with its shards is a WeightsError; keys in
+    `unlisted_ok` may be in a shard without an index entry (Higgs TTS 3's release leaves its tied copies out)."""
     model_dir = Path(model_dir)
     files, weight_map = _weight_files(model_dir)
     headers: dict[str, TensorHeader] = {}
@@ -102,7 +103,7 @@ def read_headers(model_dir: str | os.PathLike) -> dict[str, TensorHeader]:
             headers[key] = TensorHeader(shape, dtype, name)
     if weight_map is not None:
         misplaced = sorted(k for k, v in weight_map.items() if k not in headers or headers[k].file != v)
-        unlisted = sorted(k for k in headers if k not in weight_map)
+        unlisted = sorted(k for k in headers if k not in weight_map and k not in unlisted_ok)
         if misplaced or unlisted:
             key = (misplaced or unlisted)[0]
             where = headers[key].file if key in headers else "no shard"

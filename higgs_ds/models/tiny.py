@@ -173,8 +173,12 @@ def write_tiny_model(out_dir: str | os.PathLike, seed: int = 0, text: dict = TIN
 
 def write_tiny(out_dir: str | os.PathLike, family: str | None = None, seed: int = 0, **kwargs) -> Path:
     """The tiny model of `family` (default: the family this environment trains), written to `out_dir`."""
-    from higgs_ds.models.family import NATIVE, environment_family
+    from higgs_ds.models.family import NATIVE, V3, environment_family
 
+    if family == V3:
+        from higgs_ds.models.v3.tiny_model import write_tiny_v3_model
+
+        return write_tiny_v3_model(out_dir, seed=seed, **kwargs)
     if (family or environment_family()) == NATIVE:
         from higgs_ds.models.native.tiny import write_tiny_native_model
 

@@ -11,7 +11,11 @@ formats (see higgs_ds.models.family), whichever family was trained:
 - `--format native` (default): Boson's current layout, loads with plain transformers >= 5.3:
   `HiggsAudioV2ForConditionalGeneration.from_pretrained(DIR, use_text_head=True)` and
   `HiggsAudioV2Processor.from_pretrained(DIR)`, so `generate` works without higgs-ds;
-- `--format boson`: boson_multimodal's `HiggsAudioModel.from_pretrained(DIR)` (boson's serve engine).
+- `--format boson`: boson_multimodal's `HiggsAudioModel.from_pretrained(DIR)` (boson's serve engine);
+- a Higgs TTS 3 checkpoint has one format, the released one (`--format v3`, implied): the base model's
+  config.json and tokenizer as downloaded, the release's tensor names, its bundled codec tensors copied
+  over, and the licence obligations of a Derivative Work (its LICENSE, a NOTICE, the model card's terms;
+  higgs_ds.models.v3.licence), so sglang-omni / vllm-omni serve it as they serve the release.
 
 A checkpoint of the other family is converted exactly (higgs_ds.models.convert: strict keys and shapes).
 
@@ -46,8 +50,9 @@ import sys
 from pathlib import Path
 
 from higgs_ds.errors import UserError
-from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, model_family, require_model_family
+from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, V3, model_family, require_model_family
 from higgs_ds.models.patches import patch_for_training
+from higgs_ds.models.strict import mismatch_message
 from higgs_ds.models.trust import check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, fsync_tree, is_secret_key, redact
 from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
@@ -197,7 +202,12 @@ def _merged_lora(ckpt: Path, base: str) -> dict:
         raise ExportError(f"the LoRA base model {base} is not a model directory: pass --base DIR")
     forbid_remote_code()
     check_model_dir(base)
-    if require_model_family(base) == NATIVE:
+    family = require_model_family(base)
+    if family == V3:
+        from higgs_ds.models.v3.checkpoint import load_v3_model
+
+        model = load_v3_model(base, dtype=torch.float32)
+    elif family == NATIVE:
         from higgs_ds.models.native.load import load_native_model
 
         model = load_native_model(base, dtype=torch.float32)
@@ -460,8 +470,8 @@ def export(
     fmt: str = NATIVE,
     codec: str | None = None,
 ) -> Path:
-    if fmt not in FAMILIES:
-        raise ExportError(f"--format {fmt!r}: use one of {', '.join(FAMILIES)}")
+    if fmt not in (*FAMILIES, V3):
+        raise ExportError(f"--format {fmt!r}: use one of {', '.join((*FAMILIES, V3))}")
     ckpt = resolve_checkpoint(checkpoint)
     out = Path(os.path.realpath(out_dir))  # the folder a symlinked --out names is the one replaced
     protected = {"the checkpoint": ckpt, "the run": ckpt.parent}
@@ -494,7 +504,15 @@ def _build(
     if lora and not merge_lora:
         raise ExportError(f"{ckpt} holds LoRA adapters: pass --merge-lora to merge them into the base model")
     family = model_family(_lora_base(ckpt, base) if lora else ckpt)
-    if family == fmt:
+    if V3 in (family, fmt) and family != fmt and not (family == V3 and fmt == NATIVE):  # native: the default
+        raise ExportError(
+            f"{ckpt} is a {family} checkpoint and --format is {fmt}: Higgs TTS 3 and Higgs-Audio v2 do not convert "
+            "into each other; a Higgs TTS 3 checkpoint exports in its released layout (--format v3)"
+        )
+    if family == V3:
+        fmt = V3
+        dtype_name = _write_v3_weights(ckpt, tmp, dtype, merge_lora, base)
+    elif family == fmt:
         dtype_name = _write_weights(ckpt, tmp, dtype, merge_lora, base, family, codec)
     else:
         from higgs_ds.models.convert import convert_model
@@ -593,6 +611,41 @@ def _write_weights(
     return dtype_name
 
 
+def _v3_base(ckpt: Path, base: str | None, lora: bool) -> Path:
+    """The Higgs TTS 3 directory the run trained from: its config, tokenizer, bundled codec and licence are
+    what the export carries. A LoRA checkpoint's base, else --base, else the run config's model."""
+    named = _lora_base(ckpt, base) if lora else (base or _run_config(ckpt).get("model"))
+    if not isinstance(named, str) or not Path(named, "config.json").is_file():
+        raise ExportError(
+            f"the base model of {ckpt} ({named!r}) is not a model directory: pass --base DIR, the Higgs TTS 3 "
+            "directory the run trained from (its config, tokenizer, codec tensors and LICENSE go into the export)"
+        )
+    check_model_dir(named)
+    if model_family(named) != V3:
+        raise ExportError(f"--base {named} is not a Higgs TTS 3 model directory (config.json model_type)")
+    return Path(named)
+
+
+def _write_v3_weights(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool, base: str | None) -> str:
+    """A Higgs TTS 3 checkpoint in the released layout, with the licence files (see the module doc)."""
+    import torch
+
+    from higgs_ds.models.v3.checkpoint import expected_state_shapes, load_v3_config, save_released_state
+    from higgs_ds.models.v3.licence import write_licence_files
+
+    lora = (ckpt / "adapter_config.json").is_file()
+    base_dir = _v3_base(ckpt, base, lora)
+    state, _ = consolidated_state_dict(ckpt, merge_lora, str(base_dir) if lora else base)
+    expected = expected_state_shapes(load_v3_config(base_dir))
+    problem = mismatch_message({k: tuple(v.shape) for k, v in state.items()}, expected)
+    if problem:
+        raise ExportError(f"consolidated weights of {ckpt} are not the Higgs TTS 3 model of {base_dir}: {problem}")
+    target = getattr(torch, dtype) if dtype else torch.float32
+    save_released_state({k: v.to(target).contiguous() for k, v in state.items()}, tmp, base_dir)
+    write_licence_files(tmp, base_dir)
+    return str(target).removeprefix("torch.")
+
+
 def _trainer_state(ckpt: Path) -> dict:
     return _read_json(ckpt / "trainer_state.json", "the trainer state", "export another checkpoint of the run")
 
@@ -614,9 +667,7 @@ def _index_line(shard_dir: str, run_dir: Path) -> str | None:
     return f"- `{shown}`: {samples} samples, {hours:.3f} h of audio, {shards} shards, index.json sha256 {digest}"
 
 
-def model_card(
-    ckpt: Path, codec_note: dict | None, dtype: str, merged_lora: bool, fmt: str = NATIVE
-) -> str:
+def model_card(ckpt: Path, codec_note: dict | None, dtype: str, merged_lora: bool, fmt: str = NATIVE) -> str:
     """README.md of an exported directory: what it was trained from, on what, how far, and how to load it.
     Redacted, and without absolute paths (see the module docstring)."""
     run_dir = ckpt.parent
@@ -627,7 +678,7 @@ def model_card(
     history = state.get("log_history") if isinstance(state.get("log_history"), list) else []
     last = next((h for h in reversed(history) if isinstance(h, dict) and "audio_loss" in h), {})
     lines = [
-        "# Higgs-Audio v2 fine-tuned with higgs-ds",
+        "# Higgs TTS 3 fine-tuned with higgs-ds" if fmt == V3 else "# Higgs-Audio v2 fine-tuned with higgs-ds",
         "",
         f"- base model: `{shown_cfg.get('model', '?')}`" + (" (LoRA adapters merged)" if merged_lora else ""),
         f"- checkpoint: `{shown_ckpt}`, step {state.get('global_step')} of {state.get('max_steps')}",
@@ -658,9 +709,13 @@ def model_card(
         "",
         "## Loading",
         "",
-        *(_LOADING_NATIVE if fmt == NATIVE else _LOADING_BOSON),
+        *{NATIVE: _LOADING_NATIVE, BOSON: _LOADING_BOSON, V3: _LOADING_V3}[fmt],
         "",
     ]
+    if fmt == V3:
+        from higgs_ds.models.v3.licence import MODEL_CARD_TERMS
+
+        lines = lines[:2] + MODEL_CARD_TERMS + [""] + lines[2:]
     return _clean("\n".join(lines), run_dir)
 
 
@@ -675,6 +730,15 @@ _LOADING_NATIVE = [
     "```",
     "",
     "`higgs-ds convert THIS_DIR --to boson --out DIR` gives boson_multimodal's format.",
+]
+_LOADING_V3 = [
+    "The released Higgs TTS 3 layout (bosonai/higgs-tts-3-4b's config.json, tensor names and tokenizer), so the",
+    "servers that run the release run this directory: sglang-omni (`sglang_omni/models/higgs_tts/`) and",
+    "vllm-omni (`higgs_audio_v3`). With higgs-ds:",
+    "",
+    "```bash",
+    'higgs-ds synthesize THIS_DIR --codec CODEC_DIR --text "Hello there." --out wavs/',
+    "```",
 ]
 _LOADING_BOSON = [
     "boson_multimodal's format (boson-multimodal 0.1.1, transformers < 4.47), for boson's serve engine:",
@@ -707,7 +771,11 @@ def check_export(model_dir: str, probe_path: str, atol: float = 1e-5, rtol: floa
             f"{probe_path} holds logits of a {trained}-format batch and {model_dir} is a {family}-format model: "
             f"check an export in the trained format (higgs-ds export --format {trained})"
         )
-    if family == NATIVE:
+    if family == V3:
+        from higgs_ds.models.v3.checkpoint import load_v3_model
+
+        model = load_v3_model(model_dir, dtype=torch.float32).eval()
+    elif family == NATIVE:
         from higgs_ds.models.native.load import load_native_model
 
         model = load_native_model(model_dir, dtype=torch.float32).eval()

@@ -1,7 +1,8 @@
-"""Higgs-Audio v2 registered with ms-swift, at import: the model types, the template and the trainer.
+"""Higgs-Audio v2 and Higgs TTS 3 registered with ms-swift, at import: the model types, the template and the trainer.
 
-* model types `higgs_audio_v2` (native) and `higgs_audio` (boson): either family's class, loaded through
-  HiggsAudioLoader (never trust_remote_code), strictly: every weight of the directory used, none missing;
+* model types `higgs_audio_v2` (native), `higgs_audio` (boson) and `higgs_tts_3` (v3): the family's class, loaded
+  through HiggsAudioLoader (never trust_remote_code), strictly: every weight of the directory used, none missing
+  (v3: its bundled codec and tied copies dropped on purpose, higgs_ds.models.v3.checkpoint);
 * template `higgs_audio`: higgs_ds.train.swift.template; trainer: higgs_ds.train.swift.trainer.
 
 Before any of it, no model directory may run code: transformers' remote code is replaced in the process
@@ -19,7 +20,7 @@ from swift.utils import get_logger
 from transformers import AutoTokenizer
 
 from higgs_ds.errors import UserError, exit_on_user_error
-from higgs_ds.models.family import BOSON, NATIVE, environment_family, require_model_family
+from higgs_ds.models.family import BOSON, NATIVE, V3, environment_family, require_model_family
 from higgs_ds.models.patches import check_audio_side, patch_for_training
 from higgs_ds.models.strict import check_state_dict_matches
 from higgs_ds.models.trust import NOT_A_DIRECTORY, check_model_dir, forbid_remote_code
@@ -28,12 +29,16 @@ from higgs_ds.train.swift.trainer import HiggsAudioTrainer
 
 if environment_family() == BOSON:
     import boson_multimodal.model.higgs_audio  # noqa: F401  registers AutoConfig/AutoModel "higgs_audio"
+else:  # our Higgs TTS 3 config, known to AutoConfig without remote code
+    from higgs_ds.models.v3.modeling import register_v3
+
+    register_v3()
 
 # Before SWIFT loads anything: no config, tokenizer or model may run code of its own (see higgs_ds.models.trust).
 forbid_remote_code()
 logger = get_logger()
 # SWIFT model types, one per family (the family of --model must match: see HiggsAudioLoader); one template.
-MODEL_TYPES = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio"}
+MODEL_TYPES = {NATIVE: "higgs_audio_v2", BOSON: "higgs_audio", V3: "higgs_tts_3"}
 TEMPLATE_TYPE = "higgs_audio"
 
 
@@ -53,6 +58,8 @@ class HiggsAudioLoader(ModelLoader):
 
     def get_model(self, model_dir, config, processor, model_kwargs):
         family = require_model_family(model_dir)
+        if family == V3:
+            return self._get_v3_model(model_dir, config, processor, model_kwargs)
         if family == NATIVE:
             from transformers import HiggsAudioV2ForConditionalGeneration
 
@@ -76,6 +83,36 @@ class HiggsAudioLoader(ModelLoader):
             logger.info(f"activation checkpointing: {on} of {len(layers)} decoder layers recompute in backward")
         return model
 
+    def _get_v3_model(self, model_dir, config, processor, model_kwargs):
+        from higgs_ds.models.v3.checkpoint import (
+            expected_state_shapes,
+            load_v3_config,
+            log_ignored,
+            split_checkpoint_keys,
+        )
+        from higgs_ds.models.v3.modeling import HiggsTTS3ForConditionalGeneration
+
+        v3_config = load_v3_config(model_dir)  # headers first: a wrong directory fails before any weight loads
+        keys = split_checkpoint_keys(model_dir, expected_state_shapes(v3_config))
+        self.auto_model_cls = HiggsTTS3ForConditionalGeneration
+        # the headers matched the class (names and shapes), so from_pretrained fills every weight of it
+        model = super().get_model(model_dir, config, processor, model_kwargs)
+        check_state_dict_matches_v3(model_dir, _expected_shapes(model), keys)
+        log_ignored(model_dir, keys)
+        if self.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layers = model.body.layers
+            on = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+            logger.info(f"activation checkpointing: {on} of {len(layers)} decoder layers recompute in backward")
+        return model
+
+
+def check_state_dict_matches_v3(model_dir, shapes: dict[str, tuple], keys: dict) -> None:
+    """The loaded class's weights (ZeRO-3: full shapes) are exactly the checkpoint's model tensors."""
+    if sorted(shapes) != keys["model"]:
+        missing = sorted(set(keys["model"]) - set(shapes)) or sorted(set(shapes) - set(keys["model"]))
+        raise UserError(f"{model_dir}: the loaded Higgs TTS 3 class and the checkpoint differ at {missing[:5]}")
+
 
 def _expected_shapes(model) -> dict[str, tuple]:
     """The checkpoint keys and shapes the loaded class expects (ZeRO-3 partitions report their full shape
@@ -86,7 +123,11 @@ def _expected_shapes(model) -> dict[str, tuple]:
     return shapes
 
 
-for _family, _architecture in ((NATIVE, "HiggsAudioV2ForConditionalGeneration"), (BOSON, "HiggsAudioModel")):
+for _family, _architecture in (
+    (NATIVE, "HiggsAudioV2ForConditionalGeneration"),
+    (BOSON, "HiggsAudioModel"),
+    (V3, "HiggsMultimodalQwen3ForConditionalGeneration"),
+):
     register_model(
         ModelMeta(
             MODEL_TYPES[_family],
