@@ -33,14 +33,31 @@ def _parse_size(text: str) -> tuple[int | None, int | None]:
         raise UserError(f"--shard-size must be a sample count (1000) or a size (256MB), got {text!r}") from None
 
 
+def _check_tokenizer_dir(directory: str) -> None:
+    """A model directory (config.json) is checked as every model is; a bare tokenizer directory (a
+    save_pretrained tokenizer) holds only regular files, and remote code is impossible in this process."""
+    import stat
+    from pathlib import Path
+
+    from higgs_ds.models.trust import check_model_dir, forbid_remote_code
+
+    forbid_remote_code()
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"--tokenizer {directory} is not a directory: name a model or tokenizer directory")
+    if (root / "config.json").exists():
+        check_model_dir(root)
+        return
+    for path in root.iterdir():  # a FIFO named tokenizer.json would never finish reading
+        if not (stat.S_ISREG(path.lstat().st_mode) or path.is_dir()):
+            raise UserError(f"--tokenizer {directory}: {path} is not a regular file: remove it")
+
+
 def _shards_build(args):
     from higgs_ds.shards.build import BuildConfig, build_shards
 
-    if args.tokenizer:  # a model directory: data, never code
-        from higgs_ds.models.trust import check_model_dir, forbid_remote_code
-
-        forbid_remote_code()
-        check_model_dir(args.tokenizer)
+    for directory in args.tokenizer or ():  # model or tokenizer directories: data, never code
+        _check_tokenizer_dir(directory)
 
     samples, size = _parse_size(args.shard_size)
     try:
@@ -60,7 +77,7 @@ def _shards_build(args):
         slice_index=index,
         num_slices=count,
         resume=args.resume,
-        tokenizer=args.tokenizer,
+        tokenizer=tuple(args.tokenizer) if args.tokenizer else None,
         codec_batch=args.codec_batch,
     )
     parts = [(args.out, cfg)]
@@ -263,7 +280,13 @@ def parser() -> argparse.ArgumentParser:
         help="record bad samples in rejects.jsonl and go on (default)",
     )
     mode.add_argument("--fast-fail", dest="fast_fail", action="store_true", help="stop at the first bad sample")
-    s.add_argument("--tokenizer", default=None, help="model directory: store exact expanded lengths per sample")
+    s.add_argument(
+        "--tokenizer",
+        action="append",
+        default=None,
+        help="model (or tokenizer) directory: store exact expanded lengths per sample; give it twice for a "
+        "Higgs-Audio v2 and a Higgs TTS 3 model (one shard set, exact lengths for both families)",
+    )
     s.add_argument("--device", default="cpu", help="codec device: cpu or cuda")
     s.add_argument(
         "--codec-batch",

@@ -35,6 +35,17 @@ from higgs_ds.errors import CheckFailed, UserError
 from higgs_ds.safe_io import DirLock, atomic_write_text, fsync_dir, publish, temp_path
 from higgs_ds.shards.audio import AudioError, load_audio
 from higgs_ds.shards.codec import sha256_file
+from higgs_ds.shards.lengths import (
+    V2,
+    V3,
+    V3_KEY,
+    Tokenizers,
+    load_tokenizer,
+    resolve_tokenizers,
+    v3_encoder,
+    v3_fields,
+    v3_summary,
+)
 from higgs_ds.shards.manifest import (
     ManifestSample,
     Reject,
@@ -72,8 +83,9 @@ class BuildConfig:
     slice_index: int = 0
     num_slices: int = 1
     resume: bool = False
-    tokenizer: str | None = None
-    """Model directory whose tokenizer gives exact expanded lengths (stored per sample and per shard)."""
+    tokenizer: str | tuple[str, ...] | None = None
+    """Model (or tokenizer) directories whose tokenizers give exact expanded lengths, stored per sample and
+    in the index: at most one Higgs-Audio v2 and one Higgs TTS 3 (shards.lengths)."""
     split: str | None = None
     """Hold out part of the samples (higgs_ds.shards.split: '0.05' or 'speakers=a,b'); see split_part."""
     split_part: str = "train"
@@ -102,18 +114,20 @@ def slice_names(cfg: BuildConfig) -> tuple[str, str, str, str]:
 _WORKER: dict = {}
 
 
-def _init_worker(codec_spec: str, device: str, tokenizer: str | None, threads: int, codec=None) -> None:
+def _init_worker(codec_spec: str, device: str, tokenizers: Tokenizers | None, threads: int, codec=None) -> None:
     import torch
 
     from higgs_ds.shards.codec import resolve_codec
 
     torch.set_num_threads(threads)
     _WORKER["codec"] = codec or resolve_codec(codec_spec, device=device)
-    _WORKER.pop("tokenizer", None)  # a build without --tokenizer must not use an earlier build's in this process
-    if tokenizer:
-        from transformers import AutoTokenizer
-
-        _WORKER["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer)
+    # a build without --tokenizer must not use an earlier build's in this process
+    _WORKER.pop("tokenizer", None)
+    _WORKER.pop("v3_encoder", None)
+    if tokenizers is not None and tokenizers.v2:
+        _WORKER["tokenizer"] = load_tokenizer(tokenizers.v2)
+    if tokenizers is not None and tokenizers.v3:
+        _WORKER["v3_encoder"] = v3_encoder(tokenizers.v3)
 
 
 def _encode_clips(paths: list[str], cfg: BuildConfig) -> dict:
@@ -160,7 +174,7 @@ def _encode_group(codec, waves: list, paths: list[str]) -> list:
 
 
 def _tokens(chatml: dict, frames: list[int], sample_id) -> dict:
-    """With --tokenizer: boson's token ids and the exact expanded length, stored in the sample's json."""
+    """With a v2 --tokenizer: boson's token ids and the exact expanded length, stored in the sample's json."""
     tok = _WORKER.get("tokenizer")
     if tok is None:
         return {}
@@ -211,14 +225,17 @@ def _assemble(sample: ManifestSample, clips: dict, cfg: BuildConfig):
         audio=items,
         target_frames=target_frames,
     )
+    codes = np.concatenate(codes, axis=1)
     try:
         record.update(_tokens(sample.chatml, [i["frames"] for i in items], sample.sample_id))
+        if "v3_encoder" in _WORKER:  # a sample v3 does not train is kept (v2 trains it): shards.lengths
+            record[V3_KEY] = v3_fields({"json": record, "codes": codes}, _WORKER["v3_encoder"])
     except UserError as err:
         return Reject(sample.manifest, sample.line, sample.sample_id, str(err))
     except Exception as err:  # noqa: BLE001 - boson's text processing, on text we do not control
         reason = f"the tokenizer could not encode this sample ({type(err).__name__}: {err})"
         return Reject(sample.manifest, sample.line, sample.sample_id, reason)
-    return record, np.concatenate(codes, axis=1), total
+    return record, codes, total
 
 
 # ---------------------------------------------------------------- the driver
@@ -277,9 +294,12 @@ JOURNAL_VERSION = 2
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def build_fingerprint(manifests: list[str], codec_provenance: dict, cfg: BuildConfig, total: int, tokenizer) -> dict:
+def build_fingerprint(
+    manifests: list[str], codec_provenance: dict, cfg: BuildConfig, total: int, tokenizer, v3_tokenizer=None
+) -> dict:
     """Everything that decides the bytes a build writes: the manifests' content (and where they are: audio
-    paths are relative to them), the codec, the settings that change which samples go where, the tokenizer.
+    paths are relative to them), the codec, the settings that change which samples go where, the tokenizers
+    (the v3 one only when given: a build without it keeps its fingerprint).
     Left out, because the output does not depend on them: --workers and the chunking (results are ordered),
     --codec-batch (batched codes equal one-at-a-time codes, tests/test_codec.py), --fast-fail (it only says
     where a build stops), the device, and the codec's folder (its weights' sha256 is the codec's identity)."""
@@ -297,6 +317,7 @@ def build_fingerprint(manifests: list[str], codec_provenance: dict, cfg: BuildCo
             **({"split": [parse_split(cfg.split).spec(), cfg.split_part]} if cfg.split else {}),
         },
         "tokenizer": tokenizer,
+        **({"v3_tokenizer": v3_tokenizer} if v3_tokenizer else {}),
     }
 
 
@@ -563,8 +584,9 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
         codec = resolve_codec(codec_spec, device=device)  # the driver needs provenance; workers load their own
     else:
         codec, codec_spec = codec_spec, codec_spec.path
-    tokenizer_fingerprint = _fingerprint(cfg.tokenizer)
-    fingerprint = build_fingerprint(manifests, codec.provenance, cfg, total, tokenizer_fingerprint)
+    tokenizers, fingerprints = resolve_tokenizers(cfg.tokenizer)
+    tokenizer_fingerprint, v3_fingerprint = fingerprints.get(V2), fingerprints.get(V3)
+    fingerprint = build_fingerprint(manifests, codec.provenance, cfg, total, tokenizer_fingerprint, v3_fingerprint)
     if complete:  # --resume of a finished build (a requeued job): done, if of these inputs
         return _already_complete(out / index_name, fingerprint)
 
@@ -627,11 +649,11 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
     if cfg.workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (codec_spec, device, cfg.tokenizer, threads))
+        pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (codec_spec, device, tokenizers, threads))
         results = pool.imap(_encode_chunk_task, ((c, cfg) for c in chunks))
     else:
         pool = None
-        _init_worker(codec_spec, device, cfg.tokenizer, os.cpu_count() or 1, codec)  # the driver's codec: load once
+        _init_worker(codec_spec, device, tokenizers, os.cpu_count() or 1, codec)  # the driver's codec: load once
         results = (encode_chunk(c, cfg) for c in chunks)
     try:
         for chunk in results:
@@ -690,6 +712,8 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "inputs_fingerprint": inputs_digest(fingerprint),
     }
+    if v3_fingerprint:  # and none of these keys without a v3 tokenizer: such a build's index is as before
+        summary.update(v3_tokenizer_fingerprint=v3_fingerprint, **v3_summary(shards))
     if split is not None:
         summary["split"] = {"spec": split.spec(), "part": cfg.split_part, "other_part": counts["other_part"]}
     # rejects (complete: every line was read), then the index (the mark of a complete build), then the
@@ -710,16 +734,6 @@ def _build_locked(manifests: list[str], out: Path, codec_spec, cfg: BuildConfig,
             "rebuild with a smaller --shard-size"
         )
     return summary | {"wall_seconds": round(time.time() - started, 1)}
-
-
-def _fingerprint(tokenizer_dir: str | None) -> str | None:
-    if not tokenizer_dir:
-        return None
-    from transformers import AutoTokenizer
-
-    from higgs_ds.stream.tokens import tokenizer_fingerprint
-
-    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
 def _encode_chunk_task(args):
@@ -781,6 +795,7 @@ def _merge_locked(out: Path) -> dict:
     finally:
         merged.unlink(missing_ok=True)
     fingerprints = {i["build"].get("tokenizer_fingerprint") for i in indexes}
+    v3_fingerprints = {i["build"].get("v3_tokenizer_fingerprint") for i in indexes}
     summary = {
         "inputs": 0,
         "accepted": 0,
@@ -800,5 +815,9 @@ def _merge_locked(out: Path) -> dict:
         summary["rejected_by_reason"].update(i["build"]["rejected_by_reason"])
     summary["audio_hours"] = round(summary["audio_hours"], 4)
     summary["rejected_by_reason"] = dict(summary["rejected_by_reason"])
-    write_index(out / INDEX_NAME, [s for i in indexes for s in i["shards"]], indexes[0]["codec"], summary)
+    shards = [s for i in indexes for s in i["shards"]]
+    if v3_fingerprints != {None}:  # slices built with a v3 tokenizer (one inputs fingerprint: all of them)
+        v3 = v3_fingerprints.pop() if len(v3_fingerprints) == 1 else None
+        summary.update(v3_tokenizer_fingerprint=v3, **v3_summary(shards))
+    write_index(out / INDEX_NAME, shards, indexes[0]["codec"], summary)
     return summary

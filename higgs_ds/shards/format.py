@@ -43,7 +43,8 @@ INDEX_FIX = (
     "(`higgs-ds shards index` for a sliced build)"
 )
 MEMBER_TYPES = ("json", "codes.npy")
-PER_SAMPLE_KEYS = ("lengths", "speakers", "clone_parts")  # schema 1: per-shard lists in index.json
+# schema 1: per-shard lists in index.json (the v3 ones with a Higgs TTS 3 --tokenizer: shards.lengths)
+PER_SAMPLE_KEYS = ("lengths", "speakers", "clone_parts", "v3_lengths", "v3_clone_parts")
 BLOCK = 512
 CHUNK = 1 << 20
 # A sample is two members, each a 512-byte header and at least one 512-byte data block: the most samples
@@ -138,9 +139,11 @@ def _per_sample_problem(key: str, values, n: int) -> str | None:
         return f"lists {len(values)} {key} for {n} samples"
     if key == "lengths":
         ok = all(_is_count(v) for v in values)
+    elif key == "v3_lengths":
+        ok = all(v is None or _is_count(v) for v in values)
     elif key == "speakers":
         ok = all(v is None or isinstance(v, str) for v in values)
-    else:  # clone_parts: None, or [head, pair] with each an integer or None
+    else:  # (v3_)clone_parts: None, or [head, pair] with each an integer or None
         ok = all(
             v is None or (isinstance(v, list) and len(v) == 2 and all(p is None or _is_count(p) for p in v))
             for v in values
@@ -572,12 +575,28 @@ def _check_meta(meta: dict, where: str, vocab_size: int | None) -> tuple[list[in
         if key in meta and not _is_count(meta[key]):
             raise bad(f"'{key}' is {meta[key]!r}, expected a non-negative integer")
     parts = meta.get("clone_parts")
-    if parts is not None and (
-        type(parts) is not list or len(parts) != 2 or not all(p is None or _is_count(p) for p in parts)
-    ):
+    if parts is not None and not _is_parts(parts):
         raise bad(f"'clone_parts' is {parts!r}, expected [head, pair] or null")
+    if "v3" in meta:
+        _check_v3_meta(meta["v3"], bad)
     ids = _check_ids(meta, vocab_size, bad) if "input_ids" in meta or "label_ids" in meta else None
     return frames, ids
+
+
+def _is_parts(parts) -> bool:
+    return type(parts) is list and len(parts) == 2 and all(p is None or _is_count(p) for p in parts)
+
+
+def _check_v3_meta(v3, bad) -> None:
+    """A sample's "v3" lengths (shards.lengths): {"expanded_length": count or null, "clone_parts": null or
+    [head, pair] counts, only beside a length}."""
+    if type(v3) is not dict or set(v3) != {"expanded_length", "clone_parts"}:
+        raise bad(f"'v3' is {str(v3)[:100]}, expected {{'expanded_length': ..., 'clone_parts': ...}}")
+    length, parts = v3["expanded_length"], v3["clone_parts"]
+    if not (length is None or _is_count(length)):
+        raise bad(f"'v3.expanded_length' is {length!r}, expected a non-negative integer or null")
+    if parts is not None and (length is None or not _is_parts(parts) or None in parts):
+        raise bad(f"'v3.clone_parts' is {parts!r}, expected [head, pair] beside a v3 length, or null")
 
 
 def check_sample(record: dict, path: str, names: dict, limits: SampleLimits) -> None:

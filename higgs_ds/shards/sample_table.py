@@ -11,6 +11,13 @@ sample, in shard order:
     clone_parts  int32 (2,)  (head, pair) of a plain single-speaker TTS sample (see tokens.clone_parts);
                              (-1, -1): not one; (-2, -2): one, built without --tokenizer
 
+and, in a set built with a Higgs TTS 3 ("v3") --tokenizer (shards.lengths), the same two in v3's positions:
+
+    v3_length      int32       expanded length of the v3 prompt; -1: v3 does not train the sample
+    v3_clone_parts int32 (2,)  (head 1, pair) of a plain TTS sample v3 trains; (-1, -1): any other
+
+A sidecar without the v3 columns (built without a v3 tokenizer, or before they existed) reads as v3
+lengths unknown: no lengths, and v3 clone_parts (-2, -2) where the v2 ones say plain TTS, else (-1, -1).
 index.json (the human-readable summary) names it under "sample_table" with its byte size and sha256,
 checked when it is loaded: the file is untrusted data, so its dtype, shape, shard numbers and value ranges
 are checked too, and any problem is one ShardError naming the file. A schema-1 index (per-shard lists
@@ -30,8 +37,10 @@ import numpy as np
 
 from higgs_ds.safe_io import atomic_write_bytes
 from higgs_ds.shards.format import INDEX_FIX, ShardError
+from higgs_ds.shards.lengths import V2, V3
 
 SAMPLE_DTYPE = np.dtype([("shard", "<i4"), ("length", "<i4"), ("speaker", "<i4"), ("clone_parts", "<i4", (2,))])
+V3_SAMPLE_DTYPE = np.dtype(SAMPLE_DTYPE.descr + [("v3_length", "<i4"), ("v3_clone_parts", "<i4", (2,))])
 NO_LENGTH = NO_SPEAKER = -1
 NOT_PLAIN = (-1, -1)  # clone_parts None: not a plain single-speaker TTS sample (or its turns did not split)
 UNSIZED = (-2, -2)  # clone_parts [None, None]: a plain TTS sample built without --tokenizer
@@ -41,6 +50,10 @@ HASH_CHUNK = 8 << 20
 COLUMNS = (  # for the reader of index.json
     "shard int32; length int32 (-1 unknown); speaker int32 (id into speaker_table, -1 none); clone_parts "
     "int32 x 2 (head, pair; -1 -1 not a plain TTS sample, -2 -2 built without --tokenizer)"
+)
+V3_COLUMNS = COLUMNS + (
+    "; v3_length int32 (Higgs TTS 3 positions, -1: not a sample v3 trains); v3_clone_parts int32 x 2 "
+    "(head, pair in v3 positions; -1 -1 not a plain TTS sample v3 trains)"
 )
 
 
@@ -58,16 +71,29 @@ class SampleTable:
     speaker_names: tuple[str, ...]  # speaker id -> its string
     starts: np.ndarray  # int64 (shards + 1,): first row of each shard, then the number of rows
     recorded: np.ndarray  # bool (shards, 3): lengths, speakers, clone_parts recorded for the shard
+    v3_recorded: np.ndarray | None = None  # bool (shards,): v3 lengths and clone_parts recorded (None: none)
 
-    def shard_fields(self, k: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """(lengths, speaker ids, clone_parts (n, 2)) of shard k as int32 views, None where not recorded."""
+    def shard_fields(self, k: int, family: str = V2) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(lengths, speaker ids, clone_parts (n, 2)) of shard k as int32 views, None where not recorded;
+        `family` "v3": the v3 lengths and clone_parts (unknown ones as the module docstring says)."""
         part = self.rows[self.starts[k] : self.starts[k + 1]]
         has_lengths, has_speakers, has_parts = self.recorded[k]
-        return (
-            part["length"] if has_lengths else None,
-            part["speaker"] if has_speakers else None,
-            part["clone_parts"] if has_parts else None,
-        )
+        speakers = part["speaker"] if has_speakers else None
+        if family == V3:
+            if self.v3_recorded is not None and self.v3_recorded[k]:
+                return part["v3_length"], speakers, part["v3_clone_parts"]
+            return None, speakers, _v3_unsized(part["clone_parts"]) if has_parts else None
+        if family != V2:
+            raise ValueError(f"family {family!r}: expected {V2!r} or {V3!r}")
+        return (part["length"] if has_lengths else None, speakers, part["clone_parts"] if has_parts else None)
+
+
+def _v3_unsized(parts: np.ndarray) -> np.ndarray:
+    """v3 clone_parts of samples without v3 lengths: (-2, -2) where the v2 ones say plain TTS."""
+    plain = parts[:, 0] != NOT_PLAIN[0]
+    out = np.full(parts.shape, NOT_PLAIN[0], np.int32)
+    out[plain] = UNSIZED
+    return out
 
 
 # ---------------------------------------------------------------- per-shard lists -> rows
@@ -98,13 +124,35 @@ def _int32(values, what: str, bad) -> np.ndarray:
     return values
 
 
+def _has_v3(shards: list[dict], bad) -> bool:
+    """Whether the entries list v3 lengths: all of them or none (one build gives every shard the same)."""
+    with_v3 = [k for k, e in enumerate(shards) if e.get("v3_lengths") is not None]
+    if with_v3 and len(with_v3) != len(shards):
+        k = next(k for k, e in enumerate(shards) if e.get("v3_lengths") is None)
+        raise bad(f"shards[{k}] ({shards[k]['file']}) lists no v3_lengths, other shards do")
+    return bool(with_v3)
+
+
+def _v3_rows(part: np.ndarray, entry: dict, shard_bad) -> None:
+    lengths, parts = entry["v3_lengths"], entry.get("v3_clone_parts")
+    n = entry["num_samples"]
+    if len(lengths) != n or parts is None or len(parts) != n:
+        raise shard_bad(f"lists {len(lengths)} v3_lengths and {len(parts or ())} v3_clone_parts for {n} samples")
+    part["v3_length"] = _int32([NO_LENGTH if v is None else v for v in lengths], "v3_lengths", shard_bad)
+    if any(p is not None and None in p for p in parts):
+        raise shard_bad("v3_clone_parts holds an unsized [head, pair]: v3 sizes every plain sample it trains")
+    encoded = _encode_parts(parts, shard_bad) if parts else np.zeros((0, 2), np.int64)
+    part["v3_clone_parts"] = _int32(encoded, "v3_clone_parts", shard_bad)
+
+
 def rows_from_lists(shards: list[dict], bad) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(rows, speaker table, recorded) from per-shard lists (the writer's entries, or a schema-1 index whose
     values the schema check has typed); speaker ids are given in first-seen order. `bad(what)` makes the
-    error of a shard's entry."""
+    error of a shard's entry. Rows have the v3 columns when the entries list v3 lengths."""
     counts = [e["num_samples"] for e in shards]
     starts = _starts(counts)
-    rows = np.zeros(int(starts[-1]), SAMPLE_DTYPE)
+    with_v3 = _has_v3(shards, bad)
+    rows = np.zeros(int(starts[-1]), V3_SAMPLE_DTYPE if with_v3 else SAMPLE_DTYPE)
     rows["shard"] = np.repeat(np.arange(len(shards), dtype=np.int32), counts)
     recorded = np.zeros((len(shards), 3), bool)
     table: dict[str, int] = {}
@@ -126,6 +174,8 @@ def rows_from_lists(shards: list[dict], bad) -> tuple[np.ndarray, list[str], np.
             part["speaker"] = NO_SPEAKER
         encoded = _encode_parts(parts, shard_bad) if parts is not None else np.full((len(part), 2), NOT_PLAIN)
         part["clone_parts"] = _int32(encoded, "clone_parts", shard_bad)
+        if with_v3:
+            _v3_rows(part, entry, shard_bad)
     return rows, list(table), recorded
 
 
@@ -147,8 +197,8 @@ def write_sample_table(directory: Path, index_name: str, shards: list[dict]) -> 
     name = sidecar_name(index_name)
     atomic_write_bytes(directory / name, data)
     descriptor = {"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": len(rows)}
-    descriptor["columns"] = COLUMNS
-    per_sample = ("lengths", "speakers", "clone_parts")
+    descriptor["columns"] = V3_COLUMNS if rows.dtype == V3_SAMPLE_DTYPE else COLUMNS
+    per_sample = ("lengths", "speakers", "clone_parts", "v3_lengths", "v3_clone_parts")
     return descriptor, speakers, [{k: v for k, v in e.items() if k not in per_sample} for e in shards]
 
 
@@ -208,8 +258,10 @@ def _map(path: Path, bad) -> np.ndarray:
 
 def _check_rows(rows: np.ndarray, index: dict, bad) -> np.ndarray:
     """The starts of each shard's rows, once every value is in range; else bad(what)."""
-    if rows.dtype != SAMPLE_DTYPE:
-        raise bad(f"holds dtype {str(rows.dtype)[:200]}, expected {SAMPLE_DTYPE}")
+    if rows.dtype not in (SAMPLE_DTYPE, V3_SAMPLE_DTYPE):
+        raise bad(
+            f"holds dtype {str(rows.dtype)[:200]}, expected {SAMPLE_DTYPE} (or with v3 columns {V3_SAMPLE_DTYPE})"
+        )
     counts = [e["num_samples"] for e in index["shards"]]
     starts = _starts(counts)
     if rows.shape != (int(starts[-1]),):
@@ -234,7 +286,29 @@ def _check_rows(rows: np.ndarray, index: dict, bad) -> np.ndarray:
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
         raise bad(f"row {i} has clone_parts {rows['clone_parts'][i].tolist()} (expected >= 0, or -1 -1, or -2 -2)")
+    if rows.dtype == V3_SAMPLE_DTYPE:
+        _check_v3_rows(rows, bad)
     return starts
+
+
+def _check_v3_rows(rows: np.ndarray, bad) -> None:
+    """v3 lengths >= 0 or -1; v3 clone_parts >= 0 (of a sample with a v3 length they add up to, plain TTS
+    by the v2 columns too) or -1 -1."""
+    lengths, head, pair = rows["v3_length"], rows["v3_clone_parts"][:, 0], rows["v3_clone_parts"][:, 1]
+    if lengths.size and int(lengths.min()) < NO_LENGTH:
+        i = int(np.argmin(lengths))
+        raise bad(f"row {i} has v3_length {int(lengths[i])} (a length is >= 0, or -1: not a sample v3 trains)")
+    sized = (head >= 0) & (pair >= 0)
+    ok = sized | ((head == NOT_PLAIN[0]) & (pair == NOT_PLAIN[1]))
+    sized_ok = (lengths >= 0) & (rows["clone_parts"][:, 0] != NOT_PLAIN[0])
+    sized_ok &= -(-(head.astype(np.int64) + pair) // 8) * 8 == lengths
+    ok &= ~sized | sized_ok
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise bad(
+            f"row {i} has v3_clone_parts {rows['v3_clone_parts'][i].tolist()} with v3_length {int(lengths[i])} "
+            "(expected -1 -1, or parts >= 0 of a plain TTS sample adding up to its v3 length rounded up to 8)"
+        )
 
 
 # path -> (signature, table): a sidecar is hashed and checked once per process (forked workers share it)
@@ -271,7 +345,8 @@ def _load_sidecar(directory: Path, index: dict) -> SampleTable:
     recorded = np.zeros((len(index["shards"]), 3), bool)
     recorded[:, 1:] = True  # the writer always records speakers and clone_parts
     recorded[:, 0] = np.bincount(rows["shard"][rows["length"] != NO_LENGTH], minlength=len(index["shards"])) > 0
-    table = SampleTable(rows, tuple(index["speaker_table"]), starts, recorded)
+    v3_recorded = np.full(len(index["shards"]), rows.dtype == V3_SAMPLE_DTYPE)  # the writer sizes every shard
+    table = SampleTable(rows, tuple(index["speaker_table"]), starts, recorded, v3_recorded)
     _LOADED[str(path)] = (_signature(st, desc, index), table)
     return table
 
@@ -286,4 +361,6 @@ def load_sample_table(directory: str | Path, index: dict, index_path) -> SampleT
         return ShardError(f"{index_path}: {what}; {INDEX_FIX}")
 
     rows, speakers, recorded = rows_from_lists(index["shards"], bad)
-    return SampleTable(rows, tuple(speakers), _starts([e["num_samples"] for e in index["shards"]]), recorded)
+    v3_recorded = np.full(len(index["shards"]), rows.dtype == V3_SAMPLE_DTYPE)
+    starts = _starts([e["num_samples"] for e in index["shards"]])
+    return SampleTable(rows, tuple(speakers), starts, recorded, v3_recorded)

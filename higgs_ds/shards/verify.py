@@ -7,7 +7,8 @@ sample count, every tar header, and every sample decoded and checked as training
 (shard_format.check_sample: fields and types, uint16 (num_codebooks, T) codes below the codebook size,
 T equal to its audio items' frames), plus each item's frames agreeing with its stored duration and, where
 the index has them, each sample's length, speaker and clone_parts as its index.samples.npy (or an old
-index's lists) records them (budget batching and cloning references rely on them).
+index's lists) records them, and likewise the Higgs TTS 3 ones (v3_length, v3_clone_parts against the
+sample's "v3" entry) where the index has them (budget batching and cloning references rely on them).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from higgs_ds.errors import UserError
 from higgs_ds.shards.format import REBUILD, shard_file_problem
-from higgs_ds.shards.sample_table import NO_SPEAKER, NOT_PLAIN, UNSIZED, SampleTable
+from higgs_ds.shards.lengths import V3
+from higgs_ds.shards.sample_table import NO_LENGTH, NO_SPEAKER, NOT_PLAIN, UNSIZED, SampleTable
 from higgs_ds.stream.reader import ShardError, load_index, read_shard, sample_table
 from higgs_ds.stream.tokens import plain_tts, speaker_of
 
@@ -48,6 +50,8 @@ class _IndexSamples:
     def __init__(self, table: SampleTable, k: int):
         self.names = table.speaker_names
         self.lengths, self.speakers, self.parts = table.shard_fields(k)
+        has_v3 = table.v3_recorded is not None and table.v3_recorded[k]
+        self.v3_lengths, _, self.v3_parts = table.shard_fields(k, V3) if has_v3 else (None, None, None)
 
     def speaker(self, i: int) -> str | None:
         sid = int(self.speakers[i])
@@ -56,6 +60,14 @@ class _IndexSamples:
     def clone_parts(self, i: int) -> list | None:
         head, pair = (int(p) for p in self.parts[i])
         return None if (head, pair) == NOT_PLAIN else [None, None] if (head, pair) == UNSIZED else [head, pair]
+
+    def v3(self, i: int) -> dict:
+        """The sample's "v3" entry as the writer recorded it (shards.lengths)."""
+        length, (head, pair) = int(self.v3_lengths[i]), (int(p) for p in self.v3_parts[i])
+        return {
+            "expanded_length": None if length == NO_LENGTH else length,
+            "clone_parts": None if (head, pair) == NOT_PLAIN else [head, pair],
+        }
 
 
 def _verify_shard(shard_dir: str, shard: dict, codec: dict, recorded: _IndexSamples) -> int:
@@ -92,6 +104,11 @@ def _check_index_entry(recorded: _IndexSamples, i: int, record: dict) -> None:
     if recorded.speakers is not None and recorded.speaker(i) != speaker_of(meta):
         said = recorded.speaker(i)
         raise ShardError(f"sample {sid!r}: the index says speaker {said!r}, the sample {speaker_of(meta)!r}")
+    if recorded.v3_lengths is not None and recorded.v3(i) != meta.get("v3"):
+        raise ShardError(f"sample {sid!r}: the index says v3 lengths {recorded.v3(i)}, the sample {meta.get('v3')!r}")
+    v3 = meta.get("v3") or {}
+    if v3.get("clone_parts") and -(-sum(v3["clone_parts"]) // 8) * 8 != v3["expanded_length"]:
+        raise ShardError(f"sample {sid!r}: v3 clone_parts {v3['clone_parts']} do not add up to its v3 length")
     if recorded.parts is None:
         return
     parts = recorded.clone_parts(i)

@@ -7,14 +7,17 @@ On-disk layout of a shard directory (schema 2):
         KEY.json              the ChatML sample (messages with their original audio_url), its source
                               (manifest, line), speaker, "audio": [{"url", "frames", "seconds"}] in order of
                               appearance, "target_frames", and "expanded_length" (and for a plain
-                              single-speaker TTS sample "clone_parts") when built with --tokenizer
+                              single-speaker TTS sample "clone_parts") when built with a v2 --tokenizer,
+                              "v3": {"expanded_length", "clone_parts"} with a Higgs TTS 3 one
+                              (shards.lengths)
         KEY.codes.npy         uint16 (num_codebooks, sum of frames): every audio item's codes, concatenated
                               in order of appearance (numpy .npy with a plain dtype: no pickle)
     DIR/index.json            schema version, codec provenance, per-shard file/count/bytes/sha256/seconds,
                               target-frame and expanded-length statistics, the speaker table, the
                               sidecar's name/bytes/sha256 ("sample_table"), and the build summary
-    DIR/index.samples.npy     per sample: shard, expanded length, speaker id, clone_parts (one structured
-                              numpy array, see shards.sample_table; what the epoch plan reads)
+    DIR/index.samples.npy     per sample: shard, expanded length, speaker id, clone_parts, and with a v3
+                              --tokenizer v3_length, v3_clone_parts (one structured numpy array, see
+                              shards.sample_table; what the epoch plan reads)
     DIR/rejects.jsonl         every input line that was not written, with its reason
 
 A job-array build (--slice I/N) names its shards shard-IIII-NNNNNN.tar and writes index.slice-*.json and
@@ -36,6 +39,7 @@ import numpy as np
 
 from higgs_ds.safe_io import atomic_write_json, publish, temp_path
 from higgs_ds.shards.codec import sha256_file
+from higgs_ds.shards.lengths import UNSUPPORTED_IDS_SHOWN, V3_KEY
 from higgs_ds.stream.tokens import plain_tts, speaker_of
 
 # Schema 1: per-shard lists "lengths", "speakers" and "clone_parts" in index.json ("speakers" and
@@ -90,6 +94,7 @@ class ShardWriter:
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="higgs", group="higgs", mode=0o444)
         self._entry = {"file": name, "num_samples": 0, "bytes": 0, "audio_seconds": 0.0}
         self._frames, self._expanded, self._speakers, self._clone = [], [], [], []
+        self._v3_lengths, self._v3_clone, self._v3_unsupported = [], [], []
 
     def _finish(self) -> None:
         self._tar.close()
@@ -106,6 +111,12 @@ class ShardWriter:
         if self._expanded:  # per-sample lengths let the reader plan budget batches from the index alone
             self._entry["expanded_lengths"] = _stats(self._expanded)
             self._entry["lengths"] = self._expanded
+        if self._v3_lengths:  # built with a Higgs TTS 3 tokenizer (shards.lengths)
+            known = [n for n in self._v3_lengths if n is not None]
+            if known:
+                self._entry["v3_expanded_lengths"] = _stats(known)
+            self._entry.update(v3_lengths=self._v3_lengths, v3_clone_parts=self._v3_clone)
+            self._entry["v3_unsupported_ids"] = self._v3_unsupported
         self.shards.append(self._entry)
         self._tar = None
 
@@ -128,6 +139,12 @@ class ShardWriter:
         self._speakers.append(speaker_of(sample_json))
         # None: not a plain TTS sample; [None, None]: one, but built without --tokenizer (no lengths)
         self._clone.append(sample_json.get("clone_parts", [None, None]) if plain_tts(sample_json) else None)
+        v3 = sample_json.get(V3_KEY)
+        if v3 is not None:
+            self._v3_lengths.append(v3["expanded_length"])
+            self._v3_clone.append(v3["clone_parts"])
+            if v3["expanded_length"] is None and len(self._v3_unsupported) < UNSUPPORTED_IDS_SHOWN:
+                self._v3_unsupported.append(sample_json.get("id"))
         if self._entry["num_samples"] >= self.max_samples or self._entry["bytes"] >= self.max_bytes:
             self._finish()
             return True

@@ -37,6 +37,7 @@ from higgs_ds.shards.format import (
     scan_tar,
     shard_file_problem,
 )
+from higgs_ds.shards.lengths import FAMILIES, V2
 from higgs_ds.shards.sample_table import SampleTable, load_sample_table, sidecar_problem
 from higgs_ds.shards.writer import INDEX_NAME
 from higgs_ds.stream.plan import ShardRef
@@ -44,6 +45,7 @@ from higgs_ds.stream.plan import ShardRef
 __all__ = [
     "MEMBER_TYPES",
     "ShardError",
+    "lengths_tokenizer",
     "load_index",
     "member_table",
     "read_positions",
@@ -140,12 +142,17 @@ def codec_mismatches(index: dict, geometry, shard_dir: str) -> list[str]:
     ]
 
 
-def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
+def shard_refs(shard_dirs: list[str], lengths_for: str = V2) -> list[ShardRef]:
     """Every shard of every directory, in order; `dataset` is the directory's place in `shard_dirs`.
     Per-sample fields are int32 numpy arrays (views of the directory's sample table; see
     shards.sample_table for the values): lengths (n,), speaker ids (n,) (-1: none; one id per speaker
     string within a directory), clone_parts (n, 2) ((-1, -1): not plain TTS, (-2, -2): no --tokenizer);
-    each None where the index does not record it."""
+    each None where the index does not record it. `lengths_for` "v3": lengths and clone_parts in Higgs
+    TTS 3 positions (shards.lengths): -1 lengths and (-1, -1) parts for samples v3 does not train, None
+    lengths and (-2, -2) plain parts for a set built without a v3 tokenizer; lengths_tokenizer says which
+    tokenizer computed them."""
+    if lengths_for not in FAMILIES:
+        raise ValueError(f"lengths_for={lengths_for!r}: expected one of {FAMILIES}")
     refs = []
     for d, shard_dir in enumerate(shard_dirs):
         signature = _index_signature(str(Path(shard_dir)))
@@ -154,7 +161,7 @@ def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
             _remember(str(Path(shard_dir)), signature, index)
         table = sample_table(shard_dir, index)
         for k, s in enumerate(index["shards"]):
-            lengths, speakers, parts = table.shard_fields(k)
+            lengths, speakers, parts = table.shard_fields(k, lengths_for)
             refs.append(
                 ShardRef(
                     str(Path(shard_dir) / s["file"]),
@@ -166,6 +173,18 @@ def shard_refs(shard_dirs: list[str]) -> list[ShardRef]:
                 )
             )
     return refs
+
+
+def lengths_tokenizer(index: dict, family: str) -> str | None:
+    """The fingerprint (stream.tokens.tokenizer_fingerprint) of the tokenizer that computed the index's
+    `family` ("v2" or "v3") lengths; None when it has none (or slices merged from different tokenizers).
+    A run plans with them only when it is its own tokenizer's: other positions than its batches have."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: expected one of {FAMILIES}")
+    build = index.get("build")
+    key = "tokenizer_fingerprint" if family == V2 else "v3_tokenizer_fingerprint"
+    value = build.get(key) if isinstance(build, dict) else None
+    return value if isinstance(value, str) else None
 
 
 @functools.lru_cache(maxsize=64)
