@@ -89,7 +89,10 @@ def record_prompt(record: dict, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     if len(items) == len(turns) - 1:  # the target is what is generated: a stand-in frame lets it encode
         items.append({"frames": 1})
         codes = np.concatenate([codes[:NUM_CODEBOOKS], np.zeros((NUM_CODEBOOKS, 1), codes.dtype)], axis=1)
-    sample = V3SampleEncoder(tokenizer)(dict(record, json=dict(meta, audio=items), codes=codes))
+    meta = dict(meta, audio=items)
+    if not meta.get("start_index"):  # a request's conversation: every turn before the target is prompt
+        meta["start_index"] = len(meta.get("messages") or []) - 1
+    sample = V3SampleEncoder(tokenizer)(dict(record, json=meta, codes=codes))
     prompt = sample.input_ids[: sample.out_start + 1]
     return prompt, sample.slot_rows[: int((prompt == IGNORE).sum())]
 
