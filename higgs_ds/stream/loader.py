@@ -48,7 +48,7 @@ from higgs_ds.stream.plan import (
     check_weights,
     plan_epoch,
 )
-from higgs_ds.stream.reader import load_index, read_positions, shard_refs
+from higgs_ds.stream.reader import lengths_tokenizer, load_index, read_positions, shard_refs
 from higgs_ds.stream.tokens import SampleEncoder, tokenizer_fingerprint
 from higgs_ds.train.checkpoint import check_data_state
 
@@ -123,7 +123,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise PlanError("no shard directories given (data.shards is empty)")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         v3 = family == V3
-        self.refs = _v3_refs(cfg.shards) if v3 else shard_refs(cfg.shards)
+        self.refs = shard_refs(cfg.shards, lengths_for=V3) if v3 else shard_refs(cfg.shards)
         indexes = [load_index(d) for d in cfg.shards]
         mine = tokenizer_fingerprint(tokenizer)
         if v3:
@@ -262,20 +262,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         ]
 
 
-def _v3_refs(shard_dirs: list[str]) -> list:
-    """The shards with the lengths and clone parts of v3 prompts; none yet (the shard builder's v3 lengths
-    are being added): fixed-size batches only (see _check_v3_lengths)."""
-    return [dataclasses.replace(r, lengths=None, clone_parts=None) for r in shard_refs(shard_dirs)]
-
-
 def _check_v3_lengths(cfg: DataConfig, indexes: list[dict], mine: str) -> None:
     """Budget batching and max_length plan with the lengths the shard builder stored for a v3 tokenizer;
     lengths of another tokenizer would be other positions than the batches have: refused."""
+    for shard_dir, index in zip(cfg.shards, indexes):
+        refused = (index.get("build") or {}).get("v3_unsupported")
+        if refused:  # found by the shard builder's v3 encoder: said now, not when a worker reaches them
+            ids = ", ".join(map(str, (index["build"].get("v3_unsupported_ids") or [])))
+            raise PlanError(
+                f"{shard_dir}: {refused} samples that Higgs TTS 3 does not train (dialogue or multi-turn; e.g. {ids}): "
+                "v3 trains single-speaker TTS and voice-cloning samples; build a shard set without them for v3"
+            )
     if not (cfg.max_tokens or cfg.max_length or cfg.clone_references):
         return
-    from higgs_ds.stream import reader
-
-    lengths_tokenizer = getattr(reader, "lengths_tokenizer", lambda index, family: None)
     for shard_dir, index in zip(cfg.shards, indexes):
         theirs = lengths_tokenizer(index, V3)
         if theirs != mine:
