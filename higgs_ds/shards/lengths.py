@@ -53,13 +53,13 @@ def tokenizer_dirs(spec) -> tuple[str, ...]:
 
 def family_of(tokenizer, where: str) -> str:
     """V2 or V3 by the tokenizer's special tokens; a UserError for neither or both."""
-    header = tokenizer.convert_tokens_to_ids(_V2_HEADER)
-    is_v2 = isinstance(header, int) and header != tokenizer.unk_token_id
-    try:
-        from higgs_ds.models.v3.tokenizer import special_ids
+    from higgs_ds.models.v3.tokenizer import REQUIRED, special_ids
 
+    vocab = tokenizer.get_vocab()  # in it, not mapped to an unknown id a tokenizer may not declare
+    is_v2 = _V2_HEADER in vocab
+    try:
         special_ids(tokenizer)
-        is_v3 = True
+        is_v3 = all(token in vocab for token in REQUIRED)
     except UserError:
         is_v3 = False
     if is_v2 == is_v3:
