@@ -294,3 +294,19 @@ def test_slices_merge_to_the_single_build(built, tiny_codec, tmp_path):
     for field in ("length", "speaker", "clone_parts", "v3_length", "v3_clone_parts"):
         assert merged[field].tolist() == rows[field].tolist(), field
     assert verify_shards(str(out), progress=False)["bad_shards"] == {}
+
+
+def test_a_bare_tokenizer_directory_is_checked_as_data(built, tmp_path):
+    import os
+
+    from higgs_ds.cli import _check_tokenizer_dir
+
+    _check_tokenizer_dir(str(built["v3_dir"]))  # save_pretrained's files only: accepted
+    with pytest.raises(UserError, match="is not a directory"):
+        _check_tokenizer_dir(str(built["v3_dir"] / "tokenizer.json"))
+    planted = tmp_path / "tok"
+    shutil.copytree(built["v3_dir"], planted)
+    (planted / "tokenizer.json").unlink()
+    os.mkfifo(planted / "tokenizer.json")  # reading it would never end
+    with pytest.raises(UserError, match="tokenizer.json is not a regular file"):
+        _check_tokenizer_dir(str(planted))

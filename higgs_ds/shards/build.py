@@ -11,6 +11,8 @@ Audio is decoded, resampled to 24 kHz and encoded once here, so training never t
   worker, clips of exactly equal length are encoded as one batch (padding would change their codes).
 * `--slice I/N` builds the I-th contiguous part of the input (for job arrays): its shards are named
   shard-IIII-NNNNNN.tar and it writes index.slice-I-of-N.json; `higgs-ds shards index DIR` merges them.
+* `--tokenizer DIR`, up to twice (a Higgs-Audio v2 and a Higgs TTS 3 model or tokenizer directory): exact
+  expanded lengths per sample in each family's positions, for budget batching (higgs_ds.shards.lengths).
 * A journal line is written after each completed shard; `--resume` verifies the journalled shards and
   continues after the last one instead of starting again.
 """
