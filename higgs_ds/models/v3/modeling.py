@@ -197,6 +197,11 @@ class HiggsTTS3ForConditionalGeneration(PreTrainedModel):
     def get_output_embeddings(self):
         return None  # no text head (its tied copy is the text embedding); the audio head is the fused table
 
+    def prepare_inputs_for_generation(self, input_ids, **kwargs) -> dict:
+        """PEFT's causal-LM wrapper reads this when it wraps the model; v3 generates with its own loop
+        (higgs_ds.models.v3.generate), not transformers' generate()."""
+        return {"input_ids": input_ids, **kwargs}
+
     def embed(self, input_ids, audio_in_codes=None, audio_in_mask=None) -> torch.Tensor:
         """Text embeddings with the audio_in_mask positions replaced by their rows' summed codebook vectors."""
         embeds = self.tied.embedding.text_embedding(input_ids)
@@ -215,11 +220,21 @@ class HiggsTTS3ForConditionalGeneration(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        labels=None,
         **kwargs,
     ) -> HiggsTTS3Output:
-        """audio_logits (N, K, V) of the audio_out_mask positions (row-major), or (B, S, K, V) without a mask."""
+        """audio_logits (N, K, V) of the audio_out_mask positions (row-major), or (B, S, K, V) without a mask.
+        `inputs_embeds` and `labels` are there for PEFT's wrapper, which passes them (as None): the loss is
+        higgs_ds.train.loss's, never the model's."""
+        if labels is not None:
+            raise ValueError("HiggsTTS3ForConditionalGeneration computes no loss: use higgs_ds.train.loss.higgs_loss")
+        for key in ("output_attentions", "output_hidden_states", "return_dict"):
+            kwargs.pop(key, None)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, audio_in_codes, audio_in_mask)
         out = self.body(
-            inputs_embeds=self.embed(input_ids, audio_in_codes, audio_in_mask),
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
