@@ -52,7 +52,7 @@ from pathlib import Path
 from higgs_ds.errors import UserError
 from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, V3, model_family, require_model_family
 from higgs_ds.models.patches import patch_for_training
-from higgs_ds.models.strict import mismatch_message
+from higgs_ds.models.strict import mismatch_message, read_headers
 from higgs_ds.models.trust import check_model_dir, forbid_remote_code
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, fsync_tree, is_secret_key, redact
 from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
@@ -630,7 +630,7 @@ def _write_v3_weights(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool
     """A Higgs TTS 3 checkpoint in the released layout, with the licence files (see the module doc)."""
     import torch
 
-    from higgs_ds.models.v3.checkpoint import expected_state_shapes, load_v3_config, save_released_state
+    from higgs_ds.models.v3.checkpoint import TIED_COPIES, expected_state_shapes, load_v3_config, save_released_state
     from higgs_ds.models.v3.licence import write_licence_files
 
     lora = (ckpt / "adapter_config.json").is_file()
@@ -640,10 +640,14 @@ def _write_v3_weights(ckpt: Path, tmp: Path, dtype: str | None, merge_lora: bool
     problem = mismatch_message({k: tuple(v.shape) for k, v in state.items()}, expected)
     if problem:
         raise ExportError(f"consolidated weights of {ckpt} are not the Higgs TTS 3 model of {base_dir}: {problem}")
-    target = getattr(torch, dtype) if dtype else torch.float32
-    save_released_state({k: v.to(target).contiguous() for k, v in state.items()}, tmp, base_dir)
+    if dtype:
+        dtypes = dict.fromkeys(state, getattr(torch, dtype))
+    else:  # the release's own dtype per tensor (bf16), as its config.json says: not the fp32 master weights
+        named = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        dtypes = {k: named.get(h.dtype, torch.float32) for k, h in read_headers(base_dir, TIED_COPIES).items()}
+    save_released_state({k: v.to(dtypes[k]).contiguous() for k, v in state.items()}, tmp, base_dir)
     write_licence_files(tmp, base_dir)
-    return str(target).removeprefix("torch.")
+    return "/".join(sorted({str(dtypes[k]).removeprefix("torch.") for k in state}))
 
 
 def _trainer_state(ckpt: Path) -> dict:

@@ -3,7 +3,7 @@
 HiggsTTS3ForConditionalGeneration (transformers' Qwen3 layers + the fused codebook table) with small sizes and
 random seeded weights, written as the release is (docs/research/higgs-tts-3-facts.md): config.json with the
 release's keys (rope_theta null, audio_encoder_config, audio_token_id -100), one model.safetensors holding the
-model's tensors, the tied copies and a bundled codec (this environment's tiny native codec, under
+model's tensors, the tied copies and a bundled codec (the tiny native codec of `--codec tiny`, under
 tied.embedding.modality_embeddings.0.model.*), an index that leaves the tied copies out, the tiny v3 tokenizer,
 a generation config, and a LICENSE that says what it stands in for. Nothing is downloaded.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from higgs_ds.models.v3.tokenizer import EOS, TINY_V3_VOCAB_SIZE, build_tiny_v3_tokenizer
@@ -69,16 +68,16 @@ def released_config(tokenizer, text: dict = TINY_V3_TEXT, dtype: str = "float32"
     }
 
 
-def _tiny_codec_tensors(seed: int) -> dict:
-    """This environment's tiny native codec's tensors (the bundled codec's place in the release)."""
+def _tiny_codec_tensors() -> dict:
+    """The tiny native codec's tensors (resolve_codec("tiny"): built once per machine, the codec the tests'
+    shards are encoded with), under the bundled codec's prefix: like the release, the model carries its codec."""
     from safetensors.torch import load_file
 
     from higgs_ds.models.v3.checkpoint import CODEC_PREFIX
-    from higgs_ds.shards.codec import write_tiny_codec
+    from higgs_ds.shards.codec import resolve_codec
 
-    with tempfile.TemporaryDirectory() as tmp:
-        codec = Path(write_tiny_codec(Path(tmp) / "codec", seed=seed))
-        return {CODEC_PREFIX + k: v for k, v in load_file(codec / "model.safetensors").items()}
+    codec = Path(resolve_codec("tiny").path)
+    return {CODEC_PREFIX + k: v for k, v in load_file(codec / "model.safetensors").items()}
 
 
 def write_tiny_v3_model(
@@ -101,7 +100,7 @@ def write_tiny_v3_model(
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     listed = dict.fromkeys(tensors, SINGLE_FILE)
     tensors.update({copy: tensors[source].clone() for copy, source in TIED_COPIES.items()})
-    codec = _tiny_codec_tensors(seed)
+    codec = _tiny_codec_tensors()
     tensors.update(codec)
     listed.update(dict.fromkeys(codec, SINGLE_FILE))
     save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
