@@ -170,3 +170,21 @@ def test_v3_lora_under_zero3_keeps_the_table_tied_through_training_and_export(tm
     q = "body.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(written[q], released[q])  # the adapters merged in
     assert "Derived from Higgs TTS 3" in (export / "NOTICE").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_v3_zero2_with_activation_checkpointing_stops_and_resumes(tmp_path, both_shards, tiny_v3):
+    from .conftest import REPO
+
+    port = 29800 + os.getpid() % 1000
+    out = tmp_path / "zero2"
+    common = ("--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--activation_checkpointing", "true",
+              "--save_steps", "3", "--save_probe", "false", "--data.batch_size", "2")  # fmt: skip
+    log = torchrun_train(out, tiny_v3, both_shards, "--max_steps", "3", *common, port=port)
+    assert "activation checkpointing: 2 of 2 decoder layers" in log  # read back from the model's layers
+    log = torchrun_train(out, tiny_v3, both_shards, "--max_steps", "6", *common, port=port + 1)
+    assert "resuming from" in log and "[higgs-ds] step 6/6" in log
+    history = _log_history(out / "checkpoint-6")
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # the resumed run continued, no step again
+    assert history[-1]["audio_loss"] < history[0]["audio_loss"]
