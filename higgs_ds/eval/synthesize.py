@@ -124,6 +124,9 @@ def checked_model_dir(model_dir) -> tuple[Path, str]:
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    from higgs_ds.models.family import register_auto_classes
+
+    register_auto_classes()  # a v3 config.json is read by our class, not guessed at
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 

@@ -74,6 +74,9 @@ def family_of(tokenizer, where: str) -> str:
 def load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
+    from higgs_ds.models.family import register_auto_classes
+
+    register_auto_classes()  # a v3 config.json is read by our class, not guessed at
     return AutoTokenizer.from_pretrained(directory)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Qwen3Config, Qwen3Model
+from transformers import AutoConfig, GenerationMixin, PretrainedConfig, PreTrainedModel, Qwen3Config, Qwen3Model
 from transformers.utils import ModelOutput
 
 from higgs_ds.errors import UserError
@@ -162,9 +162,11 @@ class HiggsTTS3Output(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
 
 
-class HiggsTTS3ForConditionalGeneration(PreTrainedModel):
-    """Higgs TTS 3: transformers' Qwen3Model + the fused codebook table (see the module doc)."""
+class HiggsTTS3ForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Higgs TTS 3: transformers' Qwen3Model + the fused codebook table (see the module doc). GenerationMixin
+    only because PEFT's causal-LM wrapper expects it; generation is higgs_ds.models.v3.generate's loop."""
 
+    config: HiggsTTS3Config
     config_class = HiggsTTS3Config
     base_model_prefix = "body"
     supports_gradient_checkpointing = True
