@@ -16,18 +16,10 @@ import json
 import os
 from pathlib import Path
 
+from higgs_ds.models.tiny import TINY_TEXT
 from higgs_ds.models.v3.tokenizer import EOS, TINY_V3_VOCAB_SIZE, build_tiny_v3_tokenizer
 
-TINY_V3_TEXT = dict(
-    vocab_size=TINY_V3_VOCAB_SIZE,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=4096,
-)
+TINY_V3_TEXT = dict(TINY_TEXT, vocab_size=TINY_V3_VOCAB_SIZE)  # the v2 tiny backbone's sizes, v3's vocabulary
 TINY_LICENSE = """\
 This directory is a tiny random-weight test model written by higgs-ds (`higgs-ds tiny-model --family v3`).
 It has the architecture of Higgs TTS 3 and none of its weights. It stands in for bosonai/higgs-tts-3-4b, whose
