@@ -5,6 +5,7 @@ reload with equal logits; LoRA keeps the fused table one tensor through training
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -188,3 +189,34 @@ def test_v3_zero2_with_activation_checkpointing_stops_and_resumes(tmp_path, both
     history = _log_history(out / "checkpoint-6")
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]  # the resumed run continued, no step again
     assert history[-1]["audio_loss"] < history[0]["audio_loss"]
+
+
+def test_preflight_plans_a_v3_run_with_its_lengths_and_lora_sizes(tmp_path, both_shards, tiny_v3, capsys):
+    from higgs_ds.errors import UserError
+    from higgs_ds.models.v3.checkpoint import load_v3_model
+    from higgs_ds.tools.preflight import model_sizes, run
+
+    from .conftest import REPO
+
+    args = [
+        "--model",
+        str(tiny_v3),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--data.shards",
+        json.dumps([str(both_shards)]),
+    ]
+    assert run(str(REPO / "configs" / "demo.toml"), args + ["--data.max_tokens", "1024"], nodes=1, gpus_per_node=2) == 0
+    assert "preflight: OK" in capsys.readouterr().out
+    model = load_v3_model(tiny_v3)
+    projections = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    by_hand = sum(8 * (m.in_features + m.out_features) for m in projections) + model.fused.weight.numel()
+    assert model_sizes(str(tiny_v3), tuner="lora", lora_rank=8).trainable == by_hand  # adapters + the table
+    v2_only = tmp_path / "v2-only"  # the same set without its v3 lengths: budget batching for v3 is refused
+    shutil.copytree(both_shards, v2_only)
+    index = json.loads((v2_only / "index.json").read_text())
+    del index["build"]["v3_tokenizer_fingerprint"]
+    (v2_only / "index.json").write_text(json.dumps(index))
+    args[-1] = json.dumps([str(v2_only)])
+    with pytest.raises(UserError, match="no Higgs TTS 3 lengths"):
+        run(str(REPO / "configs" / "demo.toml"), args + ["--data.max_tokens", "1024"], nodes=1, gpus_per_node=2)

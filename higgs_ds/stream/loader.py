@@ -127,7 +127,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         indexes = [load_index(d) for d in cfg.shards]
         mine = tokenizer_fingerprint(tokenizer)
         if v3:
-            _check_v3_lengths(cfg, indexes, mine)
+            check_v3_shards(cfg, indexes, mine)
             from higgs_ds.models.v3.prompt import V3SampleEncoder  # the family's prompts: models sits above stream
 
             self.encode = V3SampleEncoder(tokenizer)
@@ -262,7 +262,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         ]
 
 
-def _check_v3_lengths(cfg: DataConfig, indexes: list[dict], mine: str) -> None:
+def check_v3_shards(cfg: DataConfig, indexes: list[dict], mine: str) -> None:
     """Budget batching and max_length plan with the lengths the shard builder stored for a v3 tokenizer;
     lengths of another tokenizer would be other positions than the batches have: refused."""
     for shard_dir, index in zip(cfg.shards, indexes):

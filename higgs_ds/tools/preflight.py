@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from higgs_ds.errors import CheckFailed, UserError
+from higgs_ds.models.family import V3
 from higgs_ds.models.interface import geometry
 from higgs_ds.shards.codec import sha256_file
 from higgs_ds.shards.format import shard_file_problem
@@ -124,6 +125,8 @@ def model_sizes(model_dir: str, tuner: str = "full", train_modules: str = "all",
         if train_modules == "audio"
         else 0
     )
+    if family == V3:  # LoRA trains Higgs TTS 3's fused codebook table in full beside the adapters
+        saved = sum(p.numel() for n, p in named.items() if is_audio_parameter(n, family))
     return ModelSizes(total, lora + saved, largest)
 
 
@@ -241,6 +244,11 @@ def _dtype_bytes(dtype: str) -> tuple[int, str]:
 
 
 def _model_on_meta(model_dir: str, family: str):
+    if family == V3:
+        from higgs_ds.models.v3.checkpoint import load_v3_config
+        from higgs_ds.models.v3.modeling import HiggsTTS3ForConditionalGeneration
+
+        return HiggsTTS3ForConditionalGeneration(load_v3_config(model_dir))
     if family == "native":
         from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
@@ -302,10 +310,10 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float | None =
     world = nodes * gpus_per_node
     from transformers import AutoConfig
 
-    from higgs_ds.models.family import BOSON, require_model_family
+    from higgs_ds.models.family import register_auto_classes, require_model_family
 
-    if require_model_family(cfg.model) == BOSON:
-        import boson_multimodal.model.higgs_audio  # noqa: F401  registers the "higgs_audio" config
+    family = require_model_family(cfg.model)
+    register_auto_classes()  # boson's "higgs_audio" or our Higgs TTS 3 config: no remote code
     try:
         model_config = AutoConfig.from_pretrained(cfg.model)  # no trust_remote_code: never runs a model's code
     except (OSError, ValueError) as err:
@@ -314,8 +322,16 @@ def preflight(cfg, nodes: int, gpus_per_node: int, gpu_memory_gb: float | None =
     if report.problems:
         return report
 
-    refs = shard_refs(cfg.data.shards)
+    refs = shard_refs(cfg.data.shards, lengths_for=V3) if family == V3 else shard_refs(cfg.data.shards)
     try:
+        if family == V3:  # what the v3 stream refuses before its first batch (samples v3 cannot train, lengths)
+            from transformers import AutoTokenizer
+
+            from higgs_ds.stream.loader import check_v3_shards
+            from higgs_ds.stream.tokens import tokenizer_fingerprint
+
+            fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(cfg.model))
+            check_v3_shards(cfg.data, [load_index(d, check_files=False) for d in cfg.data.shards], fingerprint)
         # the all-ranks part once (equal batch counts, repeats), then rank 0's batches: O(samples + ranks)
         layout = EpochLayout(refs, cfg.data.batching(), seed=cfg.data.seed, epoch=0, world_size=world)
         first = layout.rank_plan(0)
