@@ -220,3 +220,25 @@ def test_preflight_plans_a_v3_run_with_its_lengths_and_lora_sizes(tmp_path, both
     args[-1] = json.dumps([str(v2_only)])
     with pytest.raises(UserError, match="no Higgs TTS 3 lengths"):
         run(str(REPO / "configs" / "demo.toml"), args + ["--data.max_tokens", "1024"], nodes=1, gpus_per_node=2)
+
+
+def test_v3_tuner_arguments_train_the_table_whole_and_refuse_audio_only_lora():
+    from types import SimpleNamespace
+
+    from higgs_ds.errors import UserError
+    from higgs_ds.models.patches import is_audio_parameter
+    from higgs_ds.train.swift.launch import _tuner_args
+
+    lora = _tuner_args(SimpleNamespace(tuner="lora", train_modules="all", lora_rank=16), "v3")
+    assert lora == {
+        "lora_rank": 16,
+        "target_modules": "all-linear",
+        "modules_to_save": ["modality_embeddings.0.embedding"],
+    }
+    full_audio = _tuner_args(SimpleNamespace(tuner="full", train_modules="audio", lora_rank=16), "v3")
+    assert full_audio["freeze_parameters_ratio"] == 1
+    assert is_audio_parameter(FUSED_TABLE, "v3") and not is_audio_parameter(
+        "tied.embedding.text_embedding.weight", "v3"
+    )
+    with pytest.raises(UserError, match="no audio-only layers"):
+        _tuner_args(SimpleNamespace(tuner="lora", train_modules="audio", lora_rank=16), "v3")
