@@ -353,3 +353,26 @@ def test_a_shard_sample_id_names_a_file_in_out_never_a_path():
     assert wav_name("alice_001") == "alice_001"
     assert wav_name("../../etc/passwd") == "_.._etc_passwd"  # no separator, no leading dot: stays in --out
     assert wav_name("spk/utt 1") == "spk_utt_1" and wav_name("...") == "item" and len(wav_name("a" * 500)) == 100
+
+
+def test_a_crafted_shard_sample_id_writes_its_wav_inside_out(tmp_path, tiny_model_dir, tiny_codec, capsys):
+    """End to end: a shard set whose sample id is a path (a hostile or careless manifest) evaluates, and every
+    file lands inside --out, none beside or above it."""
+    from higgs_ds.cli import main
+    from higgs_ds.shards.build import BuildConfig, build_shards
+
+    from .conftest import demo_lines, write_manifest
+
+    line = demo_lines({"alice_001"})[0]
+    line["misc"]["id"] = "../../escaped"
+    manifest = write_manifest(tmp_path / "m", [line])
+    build_shards([str(manifest)], str(tmp_path / "shards"), "tiny", BuildConfig(), progress=False)
+    out = tmp_path / "deep" / "er" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    args = ["evaluate", str(tiny_model_dir), "--set", str(tmp_path / "shards"), "--out", str(out), "--codec", "tiny"]
+    assert main(args + ["--max-frames", "4"]) == 0
+    created = {p for p in tmp_path.rglob("*")} - before
+    wavs = sorted(p for p in created if p.suffix == ".wav")
+    assert wavs  # the model's and the reference's
+    assert all(out in p.parents for p in created if p.is_file()), sorted(map(str, created))
+    assert [p.name for p in wavs] == ["_.._escaped.wav"] * len(wavs)
