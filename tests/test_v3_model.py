@@ -162,3 +162,11 @@ def test_lora_training_keeps_the_fused_table_one_tensor_for_input_and_head(tiny_
     written = load_file(out / "model.safetensors")
     assert torch.equal(written["tied.head.modality_heads.0.weight"], written[FUSED_TABLE])
     assert torch.equal(written[FUSED_TABLE], trained.weight.detach())
+
+
+def test_convert_refuses_a_v3_model_naming_why(tmp_path, tiny_v3):
+    from higgs_ds.models.convert import convert_model
+
+    with pytest.raises(UserError, match="Higgs TTS 3 model: it has one format"):
+        convert_model(tiny_v3, "native", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -650,6 +650,13 @@ def convert_model(src_dir: str | os.PathLike, to: str, out_dir: str | os.PathLik
             "(`higgs-ds export CHECKPOINT --merge-lora --out DIR`), then convert DIR"
         )
     src = check_model_dir(src_dir)  # a directory of data only (no Python files, no auto_map)
+    if (src / "config.json").is_file() and json.loads((src / "config.json").read_text()).get("model_type") == (
+        "higgs_multimodal_qwen3"
+    ):
+        raise ConvertError(
+            f"{src} is a Higgs TTS 3 model: it has one format (the released one) and does not convert into "
+            "Higgs-Audio v2; train it as it is (the default environment)"
+        )
     family = _source_family(src)
     if family is None:  # a codec directory: its own format and converter
         try:
