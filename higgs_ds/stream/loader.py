@@ -263,8 +263,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def check_v3_shards(cfg: DataConfig, indexes: list[dict], mine: str) -> None:
-    """Budget batching and max_length plan with the lengths the shard builder stored for a v3 tokenizer;
-    lengths of another tokenizer would be other positions than the batches have: refused."""
+    """What a v3 run refuses before its first batch: a set whose index counts samples v3 does not train (the
+    builder's v3 encoder found them: named now, never skipped), and, for budget batching, max_length and
+    cloning references, lengths computed by another tokenizer than this one (other positions than the
+    batches have). A set built without a v3 tokenizer names such a sample when a worker reaches it."""
     for shard_dir, index in zip(cfg.shards, indexes):
         refused = (index.get("build") or {}).get("v3_unsupported")
         if refused:  # found by the shard builder's v3 encoder: said now, not when a worker reaches them
