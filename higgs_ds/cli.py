@@ -182,7 +182,7 @@ def _synthesize(args):
 def _demo(args):
     from higgs_ds.tools.demo import run_demo
 
-    return run_demo(args.workdir, steps=args.steps)
+    return run_demo(args.workdir, steps=args.steps, family=args.family)
 
 
 CONVERT_HELP = """\
@@ -381,8 +381,15 @@ def parser() -> argparse.ArgumentParser:
     add_evaluate(sub, EXIT_CODES_HELP)
 
     s = sub.add_parser("demo", help="the whole pipeline on the bundled demo corpus with a tiny model (2 CPU ranks)")
-    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--workdir", default=None, help="the demo's own folder (default runs/demo, runs/demo-v3)")
     s.add_argument("--steps", type=int, default=None, help="override max_steps of configs/demo.toml")
+    s.add_argument(
+        "--family",
+        choices=["native", "boson", "v3"],
+        default=None,
+        help="the model trained: this environment's Higgs-Audio v2 family (default), or v3: a tiny Higgs TTS 3 "
+        "(native environment)",
+    )
     s.set_defaults(func=_demo)
     return p
 

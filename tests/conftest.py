@@ -69,6 +69,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_v3(tmp_path_factory):
+    """A tiny random-weight Higgs TTS 3 model in the released layout (native environment only: Qwen3)."""
+    from higgs_ds.models.v3.tiny_model import write_tiny_v3_model
+
+    return write_tiny_v3_model(tmp_path_factory.mktemp("tiny-v3"))
+
+
+@pytest.fixture(scope="session")
 def tiny_codec():
     import torch
 

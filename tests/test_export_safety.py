@@ -390,3 +390,31 @@ def test_demo_replaces_only_its_own_train_folder(tmp_path):
         _fresh_train_dir(work)
     assert str(work / "train") in str(err.value) and "move it away" in str(err.value)
     assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.timeout(60)
+def test_a_demo_workdir_serves_one_family_and_an_old_marker_is_the_native_one(tmp_path):
+    from higgs_ds.models.family import environment_family
+    from higgs_ds.tools.demo import DEMO_MARKER, demo_family, prepare_workdir
+
+    here = environment_family()
+    work = prepare_workdir(tmp_path / "demo", here)
+    assert json.loads((work / DEMO_MARKER).read_text())["family"] == here
+    other = "v3" if here == "native" else "native"
+    before = _tree(work)
+    with pytest.raises(UserError) as err:
+        prepare_workdir(work, other)
+    assert str(work) in str(err.value) and f"the {here} family" in str(err.value)
+    assert _tree(work) == before
+
+    old = tmp_path / "old-demo"  # a marker written before the family was recorded
+    old.mkdir()
+    (old / DEMO_MARKER).write_text(json.dumps({"made_by": "higgs-ds demo"}))
+    assert prepare_workdir(old, "native") == old.resolve()
+    with pytest.raises(UserError):
+        prepare_workdir(old, "v3")
+
+    wrong = "boson" if here == "native" else "v3"  # a family this environment does not train
+    with pytest.raises(UserError) as err:
+        demo_family(wrong)
+    assert "environment" in str(err.value) and ("make boson" in str(err.value) or "make install" in str(err.value))

@@ -230,16 +230,16 @@ def _losses(out: Path, last: int = 10) -> dict:
 
 
 @pytest.mark.timeout(1200)
-def test_usr1_saves_requeues_and_resumes_like_an_uninterrupted_run(slurm, tmp_path, tiny_model_dir, small_shards):
+def test_usr1_saves_requeues_and_resumes_like_an_uninterrupted_run(slurm, tmp_path, tiny_v3, small_shards):
     # Both jobs run at once (each node has room for two 1-CPU tasks): the reference without a signal, the
     # other one gets the time-limit signal once step 4 is under way, and must requeue itself and resume.
+    # The model is Higgs TTS 3 (the v2 family's requeue on fewer nodes is the last test here): the same
+    # v2-tokenized shards, re-tokenized by the v3 stream.
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     ref, ref_log = _submit(
-        slurm, tmp_path, _train_args(whole, tiny_model_dir, small_shards, *RESUME_SETTINGS), _env(), "whole"
+        slurm, tmp_path, _train_args(whole, tiny_v3, small_shards, *RESUME_SETTINGS), _env(), "whole"
     )
-    job, log = _submit(
-        slurm, tmp_path, _train_args(parted, tiny_model_dir, small_shards, *RESUME_SETTINGS), _env(), "parted"
-    )
+    job, log = _submit(slurm, tmp_path, _train_args(parted, tiny_v3, small_shards, *RESUME_SETTINGS), _env(), "parted")
     report = lambda: _report(slurm, job, log)  # noqa: E731
 
     samples = parted / "samples_rank0.jsonl"
@@ -273,6 +273,7 @@ def test_usr1_saves_requeues_and_resumes_like_an_uninterrupted_run(slurm, tmp_pa
     assert sorted(parted_losses) == list(range(1, 11)) == sorted(whole_losses)  # optimizer steps 1..10 once each
     for step, (audio, text_loss) in whole_losses.items():
         assert parted_losses[step] == pytest.approx((audio, text_loss), rel=1e-4), step
+    assert "Research and Non-Commercial License" in text  # it trained the v3 family (its licence terms)
 
 
 def _members(shard_dir: Path) -> list[tuple[str, dict]]:

@@ -11,14 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from higgs_ds.errors import UserError
 from higgs_ds.models.v3.checkpoint import FUSED_TABLE, TEXT_EMBEDDING, load_v3_model, save_released_state
-from higgs_ds.models.v3.tiny_model import write_tiny_v3_model
 
 K, V = 8, 1026
-
-
-@pytest.fixture(scope="module")
-def tiny_v3(tmp_path_factory):
-    return write_tiny_v3_model(tmp_path_factory.mktemp("tiny-v3"))
 
 
 @pytest.fixture(scope="module")

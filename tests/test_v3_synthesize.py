@@ -23,13 +23,6 @@ BOB = "The soft cushion broke the man's fall."
 
 
 @pytest.fixture(scope="module")
-def tiny_v3(tmp_path_factory):
-    from higgs_ds.models.v3.tiny_model import write_tiny_v3_model
-
-    return write_tiny_v3_model(tmp_path_factory.mktemp("tiny-v3"))
-
-
-@pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_v3, tiny_codec):
     folder = tmp_path_factory.mktemp("synth-v3")
     alice = {"audio": str(AUDIO / "alice_001.flac"), "text": ALICE}

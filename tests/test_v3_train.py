@@ -24,13 +24,6 @@ K, V, BOC = 8, 1026, 1024
 
 
 @pytest.fixture(scope="module")
-def tiny_v3(tmp_path_factory):
-    from higgs_ds.models.v3.tiny_model import write_tiny_v3_model
-
-    return write_tiny_v3_model(tmp_path_factory.mktemp("tiny-v3"))
-
-
-@pytest.fixture(scope="module")
 def both_shards(tmp_path_factory, small_manifest, tiny_codec, tiny_model_dir, tiny_v3):
     """The small demo set, built ONCE with both families' tokenizers (exact lengths for either)."""
     from higgs_ds.shards.build import BuildConfig, build_shards

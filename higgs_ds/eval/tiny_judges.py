@@ -37,6 +37,20 @@ def whisper_special_tokens() -> list[str]:
     )
 
 
+def _vocab_arguments(out: Path, vocab: dict) -> dict:
+    """The vocabulary as this transformers' WhisperTokenizer takes it: in memory (5.x), or as the
+    vocab.json + merges.txt files that 4.x's slow tokenizer reads (boson's environment)."""
+    import inspect
+
+    from transformers import WhisperTokenizer
+
+    if "vocab_file" not in inspect.signature(WhisperTokenizer.__init__).parameters:
+        return {"vocab": vocab, "merges": []}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    return {"vocab_file": str(out / "vocab.json"), "merges_file": str(out / "merges.txt")}
+
+
 def build_tiny_whisper_tokenizer(out: Path):
     """A byte-level WhisperTokenizer: one token per byte, then Whisper's special tokens."""
     from tokenizers import pre_tokenizers
@@ -49,9 +63,8 @@ def build_tiny_whisper_tokenizer(out: Path):
     normalizer.write_text(json.dumps(TINY_SPELLING, indent=1) + "\n")
     # the 1501 timestamps <|0.00|>..<|30.00|> follow <|notimestamps|> as in large-v3: long-form (> 30 s) needs them
     timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
-    tok = WhisperTokenizer(
-        vocab=vocab, merges=[], normalizer_file=str(normalizer), additional_special_tokens=specials[1:]
-    )
+    tok = WhisperTokenizer(**_vocab_arguments(out, vocab), normalizer_file=str(normalizer),
+                           additional_special_tokens=specials[1:])  # fmt: skip
     tok.add_tokens(timestamps)  # plain added tokens (not special), as in large-v3's tokenizer.json
     for i, t in enumerate(specials + timestamps):
         assert tok.convert_tokens_to_ids(t) == len(alphabet) + i, t

@@ -4,12 +4,17 @@
     SWIFT (launch/torchrun.sh) -> export -> reload the export in a fresh process and compare logits ->
     `higgs-ds evaluate` of the base tiny model against the fine-tune on the held-out prompts (tiny judges)
 
+The model is this environment's Higgs-Audio v2 family (the native one in `.venv`, whose export is also
+converted to boson's format and reloaded in `.venv-boson` where it exists), or with `--family v3` a tiny
+Higgs TTS 3 in its released layout (native environment; exported with its licence files).
+
 Each step prints what it does and where its output went; the model and shards are reused when they
 already exist, training and export run anew.
 
 The workdir is the demo's own: a new or empty folder, marked with `higgs_ds_demo.json` on first use. A
 non-empty folder without that marker is refused (the demo replaces `WORKDIR/train`, and must never delete
-a folder it did not make); so is a `train` entry that is not a plain folder (a symlink elsewhere).
+a folder it did not make); so is a `train` entry that is not a plain folder (a symlink elsewhere), and a
+workdir made by the demo of the other family (its model and shards are that family's).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import time
 from pathlib import Path
 
 from higgs_ds.errors import UserError
+from higgs_ds.models.family import ENVIRONMENT_HELP, NATIVE, TRAINED_IN, V3, environment_family
 from higgs_ds.safe_io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFEST = REPO / "shards" / "demo" / "manifest.jsonl"
 DEMO_MARKER = "higgs_ds_demo.json"
 DEMO_SPLIT = "0.1"  # held out for `higgs-ds evaluate` (by a hash of the sample id)
+FAMILY_NAMES = {NATIVE: "Higgs-Audio v2 (native)", "boson": "Higgs-Audio v2 (boson's classes)", V3: "Higgs TTS 3"}
 
 
 def _say(msg: str) -> None:
@@ -58,8 +65,38 @@ def _run(cmd: list[str], log_path: Path, env: dict, echo_prefix: str | None = No
         )
 
 
-def prepare_workdir(workdir: str | os.PathLike) -> Path:
-    """The demo's workdir, made and marked if new; refused if it holds anything the demo did not make."""
+def default_workdir(family: str | None) -> str:
+    return "runs/demo-v3" if family == V3 else "runs/demo"
+
+
+def demo_family(family: str | None) -> str:
+    """The family the demo trains: this environment's v2 family, or v3 where this environment trains it."""
+    here = environment_family()
+    if family in (None, here):
+        return here
+    if family not in TRAINED_IN:
+        raise UserError(f"--family {family!r}: expected one of {sorted(TRAINED_IN)}")
+    if TRAINED_IN[family] != here:
+        raise UserError(
+            f"the {family} demo trains in the {TRAINED_IN[family]} environment and this one is {here}'s: "
+            f"run it with {ENVIRONMENT_HELP[TRAINED_IN[family]]}"
+        )
+    return family
+
+
+def _marked_family(marker: Path) -> str | None:
+    """The family a previous demo run recorded in its marker (None: unreadable; a marker before the
+    family was recorded is the native family's)."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded.get("family", NATIVE) if isinstance(recorded, dict) else None
+
+
+def prepare_workdir(workdir: str | os.PathLike, family: str | None = None) -> Path:
+    """The demo's workdir, made and marked if new; refused if it holds anything the demo did not make,
+    or what the demo made for another family."""
     work = Path(workdir).resolve()
     if work.exists() and not work.is_dir():
         raise UserError(f"demo workdir {work} is not a folder: pass --workdir with a new or empty folder")
@@ -69,9 +106,16 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
             f"demo workdir {work} is not empty and is not a previous demo run (no {DEMO_MARKER}); the demo "
             "replaces folders in its workdir, so it refuses this one: pass --workdir with a new or empty folder"
         )
+    family = family or environment_family()
+    if marker.is_file() and _marked_family(marker) != family:
+        raise UserError(
+            f"demo workdir {work} holds the demo of the {_marked_family(marker) or 'unknown'} family, and this "
+            f"run is the {family} demo's: pass --workdir with a new or empty folder (default {default_workdir(family)})"
+        )
     work.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        atomic_write_json(marker, {"made_by": "higgs-ds demo", "note": "this folder holds only demo outputs"})
+        note = {"made_by": "higgs-ds demo", "note": "this folder holds only demo outputs", "family": family}
+        atomic_write_json(marker, note)
     return work
 
 
@@ -87,8 +131,9 @@ def _fresh_train_dir(work: Path) -> Path:
     return train_dir
 
 
-def run_demo(workdir: str, steps: int | None = None) -> int:
-    work = prepare_workdir(workdir)
+def run_demo(workdir: str | None = None, steps: int | None = None, family: str | None = None) -> int:
+    family = demo_family(family)
+    work = prepare_workdir(workdir or default_workdir(family), family)
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -101,10 +146,10 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
 
     model_dir = work / "tiny-model"
     if not (model_dir / "config.json").is_file():
-        _say(f"writing a tiny random-weight Higgs-Audio model to {model_dir}")
+        _say(f"writing a tiny random-weight {FAMILY_NAMES[family]} model to {model_dir}")
         from higgs_ds.models.tiny import write_tiny
 
-        write_tiny(model_dir)
+        write_tiny(model_dir, family=family)
     else:
         _say(f"tiny model: {model_dir} (exists)")
 
@@ -134,10 +179,9 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
 
     history = [h for h in _log_history(train_dir) if "audio_loss" in h]
     first, last = history[0], history[-1]
-    _say(
-        f"audio loss: step {first['step']} {first['audio_loss']:.3f} -> step {last['step']} {last['audio_loss']:.3f}; "
-        f"text loss {first['text_loss']:.3f} -> {last['text_loss']:.3f}"
-    )
+    audio = f"step {first['step']} {first['audio_loss']:.3f} -> step {last['step']} {last['audio_loss']:.3f}"
+    text = f"text loss {first['text_loss']:.3f} -> {last['text_loss']:.3f}"
+    _say(f"audio loss: {audio}; {'no text loss (Higgs TTS 3 trains audio only)' if family == V3 else text}")
 
     export_dir = work / "export"
     _say(f"exporting the last checkpoint of {train_dir} to {export_dir}")
@@ -157,7 +201,7 @@ def run_demo(workdir: str, steps: int | None = None) -> int:
         f"export logits equal: {check['equal']} (max abs diff {check['max_abs_diff_logits']:.2e} text, "
         f"{check['max_abs_diff_audio_logits']:.2e} audio)"
     )
-    boson_ok = _boson_round(work, train_dir, export_dir, env)
+    boson_ok = _boson_round(work, train_dir, export_dir, env) if family == NATIVE else None
     _evaluate(work, model_dir, export_dir, heldout_dir, env)
     ok = check["equal"] and last["audio_loss"] < first["audio_loss"] and boson_ok is not False
     _say(
