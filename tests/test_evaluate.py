@@ -50,6 +50,7 @@ def judged(tmp_path_factory, tiny_model_dir, small_shards, judges):
     return report, out, judges, other
 
 
+@pytest.mark.both_envs  # each environment's family (boson's classes in .venv-boson)
 def test_every_system_is_judged_on_the_same_items(judged, tiny_model_dir):
     report, out, _, other = judged
     names = [s["name"] for s in report["systems"]]
@@ -65,6 +66,7 @@ def test_every_system_is_judged_on_the_same_items(judged, tiny_model_dir):
     assert all(f"| {n} (" in table for n in names) and (out / "evaluation.png").stat().st_size > 1000
 
 
+@pytest.mark.both_envs  # each environment's family (boson's classes in .venv-boson)
 def test_generated_audio_is_generate_codes_on_the_items_prompts(judged, tiny_model_dir, small_shards, tiny_codec):
     import soundfile as sf
     from transformers import AutoTokenizer
@@ -87,6 +89,7 @@ def test_generated_audio_is_generate_codes_on_the_items_prompts(judged, tiny_mod
         np.testing.assert_array_equal(base, wave)
 
 
+@pytest.mark.both_envs  # each environment's family (boson's classes in .venv-boson)
 def test_the_numbers_are_the_judges_outputs_counted_by_hand(judged):
     import soundfile as sf
 
