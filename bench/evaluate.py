@@ -27,8 +27,9 @@ checkpoints' architectures with seeded random weights, built offline from their 
 to directories and loaded by higgs_ds.eval.judges exactly as a user's judge is. Random weights would
 transcribe until Whisper's limit, so the ASR decoder is held to a real transcript's length
 (TRANSCRIPT_TOKENS_PER_SECOND, forced with min_new_tokens = max_new_tokens); Whisper large-v3's geometry
-takes ~80 s an item on this 2-core box (measured once: 37 s for its encoder's 30 s window, 2.6 s per decoded
-token), so the CPU default is whisper-small's geometry (--whisper large-v3 to measure it; the default on cuda).
+costs ~6x whisper-small's on a 2-core CPU (12.5 s against 2.1 s an item, README), so the CPU default is
+whisper-small's geometry (--whisper large-v3 to measure it; the default on cuda). The script runs in either
+environment and times that environment's family (`.venv-boson/bin/python bench/evaluate.py`: boson's).
 
 Timing (bench/common.py, every part alike): models, directories, prompts and waves built before the clock,
 1 untimed warm-up pass, then the median of --repeats timed passes over --items items; on cuda each pass ends
