@@ -13,7 +13,7 @@ STAMP := $(VENV)/.higgs-ds-installed
 BOSON_STAMP := $(BOSON_VENV)/.higgs-ds-installed
 PIP_FLAGS := --disable-pip-version-check --progress-bar off -q
 
-.PHONY: demo test test-native test-boson install boson lint clean
+.PHONY: demo demo-v3 test test-native test-boson install boson lint clean
 
 install: $(STAMP)
 boson: $(BOSON_STAMP)
@@ -47,6 +47,10 @@ $(BOSON_STAMP): pyproject.toml
 demo: $(STAMP)
 	@echo "==> make demo: the whole pipeline on the bundled corpus (about 3 minutes on 2 cores)"
 	$(VENV)/bin/higgs-ds demo
+
+# the same pipeline with a tiny Higgs TTS 3 (runs/demo-v3/; about 2 minutes on 2 cores)
+demo-v3: $(STAMP)
+	$(VENV)/bin/higgs-ds demo --family v3
 
 # Both suites, each in its own environment; the cross-family checks (boson's code as the reference) run in
 # both and must not be skipped here.
