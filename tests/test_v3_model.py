@@ -164,3 +164,39 @@ def test_convert_refuses_a_v3_model_naming_why(tmp_path, tiny_v3):
     with pytest.raises(UserError, match="Higgs TTS 3 model: it has one format"):
         convert_model(tiny_v3, "native", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _snapshot(tiny_v3, root):
+    """`tiny_v3` laid out as a Hugging Face cache: models--bosonai--x/snapshots/REV/NAME -> ../../blobs/HASH."""
+    repo = root / "models--bosonai--higgs-tts-3-4b"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for k, f in enumerate(sorted(p for p in tiny_v3.iterdir() if p.is_file())):
+        shutil.copyfile(f, blobs / f"blob{k}")
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{k}")
+    return snapshot
+
+
+def test_an_export_from_a_hugging_face_cache_snapshot_carries_its_files_and_licence(tmp_path, tiny_v3, model):
+    from higgs_ds.models.v3.licence import write_licence_files
+
+    base = _snapshot(tiny_v3, tmp_path / "hub")  # every file a link into blobs/, as `huggingface-cli download` makes
+    out = tmp_path / "export"
+    out.mkdir()
+    save_released_state(model.state_dict(), out, base)
+    written = write_licence_files(out, base)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "LICENSE"):
+        assert not (out / name).is_symlink() and (out / name).read_bytes() == (tiny_v3 / name).read_bytes(), name
+    assert written == ["LICENSE", "NOTICE"]
+    reloaded = load_v3_model(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+    secret = tmp_path / "secret.txt"  # a link out of the snapshot's repository is refused by name, never copied
+    secret.write_text("not a licence")
+    (base / "LICENSE").unlink()
+    (base / "LICENSE").symlink_to(secret)
+    with pytest.raises(UserError) as err:
+        write_licence_files(tmp_path / "export", base)
+    assert str(base / "LICENSE") in str(err.value) and "regular file" in str(err.value)

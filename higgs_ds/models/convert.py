@@ -59,6 +59,7 @@ from higgs_ds.models.strict import (
     mismatch_message,
     read_headers,
 )
+from higgs_ds.models.trust import ModelFileError, model_file
 from higgs_ds.safe_io import fsync_dir, fsync_tree
 
 NATIVE_ARCH, BOSON_ARCH = "HiggsAudioV2ForConditionalGeneration", "HiggsAudioModel"
@@ -546,11 +547,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _copy_file(src: Path, dst: Path) -> None:
     """A regular file of the model directory (a Hugging Face cache snapshot's link into its blobs is one)."""
-    real = Path(os.path.realpath(src))
-    folder = Path(os.path.realpath(src.parent))
-    roots = [folder] + ([folder.parent.parent] if folder.parent.name == "snapshots" else [])
-    if not real.is_file() or not any(real.is_relative_to(r) for r in roots):
-        raise ConvertError(f"{src} is not a regular file of {src.parent} (it resolves to {real}): replace it")
+    try:
+        real = model_file(src)
+    except ModelFileError as err:
+        raise ConvertError(str(err)) from None
+    if real is None:
+        raise ConvertError(f"{src} does not exist")
     shutil.copyfile(real, dst)
 
 

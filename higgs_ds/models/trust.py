@@ -226,3 +226,24 @@ def _check_swift_args(root: Path, args) -> None:
                 f"{root / 'args.json'} names {key} {args[key]!r}, Python files SWIFT would import; "
                 f"higgs-ds never runs code named by a model directory: remove {key} from it"
             )
+
+
+class ModelFileError(UserError):
+    """A file of a model directory resolves outside it (a symlink elsewhere)."""
+
+
+def model_file(path: str | os.PathLike) -> Path | None:
+    """The real path of a model directory's file, to copy or read: the file itself, or the target of a
+    Hugging Face cache snapshot's link into its repository's `blobs/` (a snapshot is all such links); None
+    when there is no such file. A link resolving anywhere else (a key file, another model) is refused."""
+    src = Path(path)
+    if not os.path.lexists(src):
+        return None
+    real = Path(os.path.realpath(src))
+    folder = Path(os.path.realpath(src.parent))
+    roots = [folder] + ([folder.parent.parent] if folder.parent.name == "snapshots" else [])
+    if not real.is_file() or not any(real.is_relative_to(r) for r in roots):
+        raise ModelFileError(
+            f"{src} is not a regular file of {src.parent} (it resolves to {real}): replace it with the file itself"
+        )
+    return real

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from higgs_ds.errors import UserError
 from higgs_ds.models.strict import INDEX_FILE, SINGLE_FILE, mismatch_message, read_headers
+from higgs_ds.models.trust import model_file
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,10 @@ def save_released_state(state: dict, out_dir: str | Path, base_dir: str | Path, 
         tensors[copy] = state[TIED_COPIES[copy]].clone()
     save_torch_state_dict(tensors, out, max_shard_size=max_shard_size)
     _write_index(out, tensors, listed_copies=_base_index_lists_copies(base))
-    for name in CARRIED_FILES:
-        if (base / name).is_file() and not (base / name).is_symlink():
-            shutil.copyfile(base / name, out / name)
+    for name in CARRIED_FILES:  # a Hugging Face cache snapshot's links into its blobs are followed
+        real = model_file(base / name)
+        if real is not None:
+            shutil.copyfile(real, out / name)
 
 
 def _write_index(out: Path, tensors: dict, listed_copies: bool) -> None:

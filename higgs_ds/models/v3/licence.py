@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from higgs_ds.errors import UserError
+from higgs_ds.models.trust import model_file
 
 LICENCE_NAME = "Boson Higgs TTS 3 Research and Non-Commercial License Agreement"
 DERIVED_STATEMENT = "Derived from Higgs TTS 3, licensed from Boson AI USA, Inc."
@@ -47,9 +48,9 @@ class LicenceError(UserError):
 
 def licence_file(base_dir: str | Path) -> Path:
     """The licence text that came with the base model directory; a LicenceError when it has none."""
-    for name in LICENCE_FILES:
+    for name in LICENCE_FILES:  # the file itself, or a Hugging Face cache snapshot's link into its blobs
         path = Path(base_dir) / name
-        if path.is_file() and not path.is_symlink():
+        if model_file(path) is not None:
             return path
     raise LicenceError(
         f"{base_dir} has no LICENSE file: an export of a Higgs TTS 3 fine-tune must carry the licence text that "
@@ -61,10 +62,10 @@ def write_licence_files(out_dir: Path, base_dir: str | Path) -> list[str]:
     """LICENSE (the base's, copied), NOTICE (the base's NOTICE, if any, then the Derivative Work's lines) into
     `out_dir`; returns the names written."""
     source = licence_file(base_dir)
-    shutil.copyfile(source, out_dir / source.name)
-    notice = Path(base_dir) / "NOTICE"
+    shutil.copyfile(model_file(source), out_dir / source.name)
+    notice = model_file(Path(base_dir) / "NOTICE")
     lines = [NOTICE_LINE, DERIVED_STATEMENT, "Fine-tuned with higgs-ds; for research and non-commercial use only."]
-    if notice.is_file() and not notice.is_symlink():
+    if notice is not None:
         carried = notice.read_text(encoding="utf-8", errors="replace").rstrip("\n")
         lines = [carried, ""] + [line for line in lines if line not in carried]
     (out_dir / "NOTICE").write_text("\n".join(lines) + "\n", encoding="utf-8")
