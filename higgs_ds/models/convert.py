@@ -59,7 +59,7 @@ from higgs_ds.models.strict import (
     mismatch_message,
     read_headers,
 )
-from higgs_ds.models.trust import ModelFileError, model_file
+from higgs_ds.models.trust import model_file
 from higgs_ds.safe_io import fsync_dir, fsync_tree
 
 NATIVE_ARCH, BOSON_ARCH = "HiggsAudioV2ForConditionalGeneration", "HiggsAudioModel"
@@ -547,10 +547,7 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def _copy_file(src: Path, dst: Path) -> None:
     """A regular file of the model directory (a Hugging Face cache snapshot's link into its blobs is one)."""
-    try:
-        real = model_file(src)
-    except ModelFileError as err:
-        raise ConvertError(str(err)) from None
+    real = model_file(src, ConvertError)
     if real is None:
         raise ConvertError(f"{src} does not exist")
     shutil.copyfile(real, dst)

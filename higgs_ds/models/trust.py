@@ -232,10 +232,11 @@ class ModelFileError(UserError):
     """A file of a model directory resolves outside it (a symlink elsewhere)."""
 
 
-def model_file(path: str | os.PathLike) -> Path | None:
+def model_file(path: str | os.PathLike, error: type[UserError] = ModelFileError) -> Path | None:
     """The real path of a model directory's file, to copy or read: the file itself, or the target of a
     Hugging Face cache snapshot's link into its repository's `blobs/` (a snapshot is all such links); None
-    when there is no such file. A link resolving anywhere else (a key file, another model) is refused."""
+    when there is no such file. A link resolving anywhere else (a key file, another model) is refused
+    (`error`, the caller's error class)."""
     src = Path(path)
     if not os.path.lexists(src):
         return None
@@ -243,7 +244,7 @@ def model_file(path: str | os.PathLike) -> Path | None:
     folder = Path(os.path.realpath(src.parent))
     roots = [folder] + ([folder.parent.parent] if folder.parent.name == "snapshots" else [])
     if not real.is_file() or not any(real.is_relative_to(r) for r in roots):
-        raise ModelFileError(
+        raise error(
             f"{src} is not a regular file of {src.parent} (it resolves to {real}): replace it with the file itself"
         )
     return real

@@ -53,7 +53,7 @@ from higgs_ds.errors import UserError
 from higgs_ds.models.family import BOSON, FAMILIES, NATIVE, V3, model_family, require_model_family
 from higgs_ds.models.patches import patch_for_training
 from higgs_ds.models.strict import mismatch_message, read_headers
-from higgs_ds.models.trust import ModelFileError, check_model_dir, forbid_remote_code, model_file
+from higgs_ds.models.trust import check_model_dir, forbid_remote_code, model_file
 from higgs_ds.safe_io import REDACTED, DirLock, fsync_dir, fsync_tree, is_secret_key, redact
 from higgs_ds.train.checkpoint import deepspeed_tag, is_complete, latest_complete
 
@@ -298,10 +298,7 @@ def _write_json(path: Path, obj) -> None:
 def _copy_model_file(src: Path, dst: Path) -> None:
     """Copy a config/tokenizer file of the checkpoint; a symlink out of its folder (say, to a key file)
     is refused. A Hugging Face cache snapshot's links into its `blobs/` folder are followed."""
-    try:
-        real = model_file(src)
-    except ModelFileError as err:
-        raise ExportError(str(err)) from None
+    real = model_file(src, ExportError)
     if real is None:
         raise ExportError(f"{src} does not exist")
     shutil.copyfile(real, dst)
