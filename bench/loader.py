@@ -9,8 +9,9 @@ with one thread. Every path gets the same timing (bench/common.py: 1 warm-up pas
 
 * floors.bytes: every shard file read whole, sequentially in 8 MiB reads, page cache warm, no parsing;
 * floors.reader: the reader's own member table (higgs_ds.stream.reader.member_table, rebuilt each pass as a
-  fresh worker does: header scan + sha256) and one seek + one read per sample in the epoch plan's order, no
-  decoding;
+  fresh worker does: header scan, + sha256 with --verify-shards always; with "once" (the default) the warm-up
+  pass hashes and records each shard in an empty cache and the timed passes scan headers only) and one seek +
+  one read per sample in the epoch plan's order, no decoding;
 * stream: the training path itself, build_dataloader -> ShardStream -> read_positions (strict decode and
   checks) -> SampleEncoder (the stored token ids) -> this environment's family collator, with budget batching
   (--max-tokens), num_workers=0: one loader core; and its stages (read, encode, collate) timed apart;
@@ -31,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,12 +148,13 @@ def reader_floor(refs, positions: list[tuple[int, int]]):
 # ------------------------------------------------------------------------------------------ the stream
 
 
-def stream(shards: Path, tok, config, max_tokens: int, collator: str, counted: list):
+def stream(shards: Path, tok, config, max_tokens: int, collator: str, counted: list, verify: str):
     """The training path, a fresh loader per pass (as each epoch's workers are fresh)."""
     from higgs_ds.stream.loader import DataConfig, build_dataloader
     from higgs_ds.stream.reader import member_table
 
-    cfg = DataConfig(shards=[str(shards)], max_tokens=max_tokens, num_workers=0, collator=collator)
+    cfg = DataConfig(shards=[str(shards)], max_tokens=max_tokens, num_workers=0, collator=collator,
+                     verify_shards=verify)  # fmt: skip
 
     def prepare():
         member_table.cache_clear()
@@ -165,7 +168,7 @@ def stream(shards: Path, tok, config, max_tokens: int, collator: str, counted: l
     return prepare
 
 
-def stream_stages(shards: Path, tok, config, max_tokens: int, collator: str, timing: dict) -> dict:
+def stream_stages(shards: Path, tok, config, max_tokens: int, collator: str, timing: dict, verify: str) -> dict:
     """The stream's time by stage, each timed alone over the same epoch plan (what a profile would split):
     read (member tables rebuilt, strict decode and checks: read_positions), encode (SampleEncoder on the
     read records), collate (the family's collator on the encoded batches); microseconds per sample."""
@@ -173,8 +176,8 @@ def stream_stages(shards: Path, tok, config, max_tokens: int, collator: str, tim
     from higgs_ds.stream.loader import DataConfig, ShardStream
     from higgs_ds.stream.reader import member_table, read_positions
 
-    stream = ShardStream(DataConfig(shards=[str(shards)], max_tokens=max_tokens, num_workers=0), tok, rank=0,
-                         world_size=1)  # fmt: skip
+    cfg = DataConfig(shards=[str(shards)], max_tokens=max_tokens, num_workers=0, verify_shards=verify)
+    stream = ShardStream(cfg, tok, rank=0, world_size=1)
     batches, collate = list(stream.plan().batches), make_collator(config, tok, collator)
     records = [list(read_positions(stream.refs, b, vocab_size=stream.vocab_size)) for b in batches]
     encoded = [[stream.encode(r) for r in batch] for batch in records]
@@ -382,12 +385,13 @@ NOTES = {
     "tokenizer/model/codec construction, loader construction (index load + epoch plan) outside the clock",
     "floors.bytes": "each shard file read whole, sequential 8 MiB reads, page cache warm, no parsing: the "
     "cost of the bytes alone; samples/s = the shards' samples / that time",
-    "floors.reader": "higgs_ds.stream.reader.member_table rebuilt (header scan + sha256, as a fresh worker "
-    "does) and one seek + read per sample in the epoch plan's order; no JSON/npy decoding, no checks",
+    "floors.reader": "higgs_ds.stream.reader.member_table rebuilt (as a fresh worker "
+    "does: header scan, + sha256 when settings.verify_shards is 'always') and one seek + read per sample in "
+    "the epoch plan's order; no JSON/npy decoding, no checks",
     "stream": "build_dataloader (num_workers=0: one core, torch 1 thread) -> read_positions with every check -> "
     "SampleEncoder on the stored token ids -> the family's collator, budget batching; samples per wall second",
     "stream.stages_us_per_sample": "the stream's stages timed apart over the same plan (same timing rule): read = "
-    "read_positions with member tables rebuilt (tar scan + sha256), strict decode and checks; encode = "
+    "read_positions with member tables rebuilt (tar scan, + sha256 if 'always'), strict decode and checks; encode = "
     "SampleEncoder; collate = the family's collator; their sum is about stream.us_per_sample (the loader's own "
     "overhead is the rest)",
     "ratios": "stream samples/s over each floor's samples/s, same run",
@@ -413,6 +417,7 @@ def main() -> None:
     p.add_argument("--seed-samples", type=int, default=1, help="clips per seed-path and shard-build pass")
     p.add_argument("--max-tokens", type=int, default=8192, help="budget of expanded positions per micro-batch")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per path (after 1 warm-up); median")
+    p.add_argument("--verify-shards", default="once", choices=("once", "always"), help="DataConfig.verify_shards")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import librosa  # noqa: F401  (imported before any clock starts)
@@ -422,17 +427,21 @@ def main() -> None:
     from higgs_ds.models.family import BOSON, environment_family
     from higgs_ds.models.interface import make_collator
     from higgs_ds.models.tiny import write_tiny
+    from higgs_ds.shards import verified
     from higgs_ds.stream.reader import load_index, shard_refs
 
     torch.set_num_threads(1)
     family = environment_family()
     timing = dict(warmup=1, repeats=args.repeats)
+    verified.set_mode(args.verify_shards)  # the reader floor's member tables too
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        os.environ["HIGGS_DS_CACHE"] = str(tmp / "cache")  # an empty cache: the warm-up pass hashes and records
         model_dir = write_tiny(tmp / "model")
         tok, config = AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
         shards = tmp / "shards"
         make_shards(shards, model_dir, args.samples)
+        time.sleep(verified.SETTLE_NS / 1e9)  # files younger than this are never recorded (shards.verified)
         refs = shard_refs([str(shards)])
         paths = [r.path for r in refs]
         total_bytes = sum(os.path.getsize(p) for p in paths)
@@ -441,15 +450,17 @@ def main() -> None:
         pad, positions = padding(refs, args.max_tokens)
 
         counted: list[int] = []
+        verify = args.verify_shards
         runs = {
             "bytes": measure(byte_floor(paths), **timing),
             "reader": measure(reader_floor(refs, positions), **timing),
-            "stream": measure(stream(shards, tok, config, args.max_tokens, "fast", counted), **timing),
+            "stream": measure(stream(shards, tok, config, args.max_tokens, "fast", counted, verify), **timing),
         }
         streamed = counted[-1]
-        stages = stream_stages(shards, tok, config, args.max_tokens, "fast", timing)
+        stages = stream_stages(shards, tok, config, args.max_tokens, "fast", timing, args.verify_shards)
         if family == BOSON:
-            runs["stream_boson_collator"] = measure(stream(shards, tok, config, args.max_tokens, "boson", []), **timing)
+            boson = stream(shards, tok, config, args.max_tokens, "boson", [], args.verify_shards)
+            runs["stream_boson_collator"] = measure(boson, **timing)
 
         codec = released_size_codec()
         manifest, lines = seed_clips(tmp / "seed", args.seed_samples)
@@ -466,6 +477,7 @@ def main() -> None:
             "samples": n,
             "streamed_samples_per_pass": streamed,
             "shards": len(paths),
+            "verify_shards": args.verify_shards,
             "shard_bytes_total": total_bytes,
             "audio_seconds_per_sample": "uniform 1-20 (mean 10.5)",
             "max_tokens": args.max_tokens,

@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 
 from higgs_ds.errors import UserError
+from higgs_ds.shards import verified
 from higgs_ds.shards.manifest import BadSample, audio_items
 from higgs_ds.shards.manifest import _check_chatml as check_chatml
 from higgs_ds.shards.writer import READABLE_SCHEMAS, SCHEMA_LISTS, SCHEMA_VERSION
@@ -390,61 +391,101 @@ def _header_fields(block: bytes, pos: int, path: str, file_size: int) -> tuple[s
     return name, size
 
 
-def scan_tar(path: str, spec: ShardSpec | None = None) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of every member, in one sequential read of the file: each header parsed
-    strictly (its checksum too), each member inside the file, the next header after the member's data
-    (the position always advances). With `spec`, the file's size is checked first and its sha256 in the
-    same pass, and a sha256 mismatch is reported before any damage it explains."""
+def scan_tar(path: str, spec: ShardSpec | None = None, trust_record: bool = False) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every member: each header parsed strictly (its checksum too), each member
+    inside the file, the next header after the member's data (the position always advances). With `spec`,
+    the file's size is checked first and its sha256 in the same sequential read, and a sha256 mismatch is
+    reported before any damage it explains. With `trust_record` too, a file this machine already hashed
+    (shards.verified: same realpath, inode, size, mtime and ctime) is not hashed again: only its headers
+    are read, one seek each; a file that hashes right is recorded."""
+    with open_regular(path) as f:
+        st = os.fstat(f.fileno())
+        if spec is not None and st.st_size != spec.size:
+            raise ShardError(
+                f"{path} has {st.st_size} bytes, its index.json says {spec.size}: it was changed or cut short "
+                f"after the build; restore it or {REBUILD}"
+            )
+        key = verified.shard_key(path, st, spec.sha256, spec.size) if spec is not None and trust_record else None
+        if key is not None and verified.is_verified(key):
+            return _scan_headers(f, path, st.st_size)
+        members = _scan_hashing(f, path, st.st_size, spec)
+        if key is not None and _signature(os.fstat(f.fileno())) == _signature(st):
+            verified.record_verified(key)
+    return members
+
+
+def _signature(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _scan_headers(f: BinaryIO, path: str, file_size: int) -> list[tuple[str, int, int]]:
+    """The members of a file already hashed: one 512-byte read per header, the data skipped."""
+    fd, members, headers, header, done = f.fileno(), [], [], 0, False
+    while header + BLOCK <= file_size:
+        block = os.pread(fd, BLOCK, header)
+        if len(block) != BLOCK:
+            raise ShardError(f"{path} changed size while it was read; restore it or {REBUILD}")
+        if block == _ZERO_BLOCK:
+            done = True  # the end-of-archive marker
+            break
+        try:
+            name, size, stored = _parse_header(block, header, path, file_size)
+        except ShardError:
+            _check_checksums(path, headers)  # an earlier corrupt header is the first problem
+            raise
+        headers.append((block, header, stored))
+        members.append((name, header + BLOCK, size))
+        header += BLOCK + -(-size // BLOCK) * BLOCK
+    _check_checksums(path, headers)
+    if not done and header != file_size:
+        raise ShardError(f"{path} is cut short inside the tar header at byte {header}; {REBUILD}")
+    return members
+
+
+def _scan_hashing(f: BinaryIO, path: str, file_size: int, spec: ShardSpec | None) -> list[tuple[str, int, int]]:
+    """The members, in one sequential read of the whole file that also hashes it (with `spec`)."""
     hasher = hashlib.sha256() if spec is not None else None
     members: list[tuple[str, int, int]] = []
     problem: ShardError | None = None
-    with open_regular(path) as f:
-        file_size = os.fstat(f.fileno()).st_size
-        if spec is not None and file_size != spec.size:
-            raise ShardError(
-                f"{path} has {file_size} bytes, its index.json says {spec.size}: it was changed or cut short "
-                f"after the build; restore it or {REBUILD}"
-            )
-        window, start, header, done, read = b"", 0, 0, False, 0  # window: the file's bytes from `start` on
-        while chunk := f.read(CHUNK):
-            read += len(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-            if done:
-                if hasher is None:
+    window, start, header, done, read = b"", 0, 0, False, 0  # window: the file's bytes from `start` on
+    while chunk := f.read(CHUNK):
+        read += len(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
+        if done:
+            if hasher is None:
+                break
+            continue
+        window = window + chunk if window else chunk
+        headers: list[tuple[bytes, int, int]] = []
+        try:
+            while not done and header + BLOCK <= start + len(window):
+                block = window[header - start : header - start + BLOCK]
+                if block == _ZERO_BLOCK:
+                    done = True  # the end-of-archive marker
                     break
-                continue
-            window = window + chunk if window else chunk
-            headers: list[tuple[bytes, int, int]] = []
-            try:
-                while not done and header + BLOCK <= start + len(window):
-                    block = window[header - start : header - start + BLOCK]
-                    if block == _ZERO_BLOCK:
-                        done = True  # the end-of-archive marker
-                        break
-                    name, size, stored = _parse_header(block, header, path, file_size)
-                    headers.append((block, header, stored))
-                    members.append((name, header + BLOCK, size))
-                    header += BLOCK + -(-size // BLOCK) * BLOCK
-            except ShardError as err:
-                problem, done = err, True
-            try:
-                _check_checksums(path, headers)  # an earlier corrupt header is the first problem
-            except ShardError as err:
-                problem, done = err, True
-            keep = min(header - start, len(window))  # less than a block is carried into the next chunk
-            window, start = window[keep:], start + keep
-        if hasher is not None and read != file_size:
-            raise ShardError(f"{path} changed size while it was read; restore it or {REBUILD}")
-        if hasher is not None and hasher.hexdigest() != spec.sha256:
-            raise ShardError(
-                f"{path}: its sha256 differs from its index.json: the file changed after the build; "
-                f"restore it or {REBUILD}"
-            )
-        if problem is not None:
-            raise problem
-        if not done and header != file_size:
-            raise ShardError(f"{path} is cut short inside the tar header at byte {header}; {REBUILD}")
+                name, size, stored = _parse_header(block, header, path, file_size)
+                headers.append((block, header, stored))
+                members.append((name, header + BLOCK, size))
+                header += BLOCK + -(-size // BLOCK) * BLOCK
+        except ShardError as err:
+            problem, done = err, True
+        try:
+            _check_checksums(path, headers)  # an earlier corrupt header is the first problem
+        except ShardError as err:
+            problem, done = err, True
+        keep = min(header - start, len(window))  # less than a block is carried into the next chunk
+        window, start = window[keep:], start + keep
+    if hasher is not None and read != file_size:
+        raise ShardError(f"{path} changed size while it was read; restore it or {REBUILD}")
+    if hasher is not None and hasher.hexdigest() != spec.sha256:
+        raise ShardError(
+            f"{path}: its sha256 differs from its index.json: the file changed after the build; restore it or {REBUILD}"
+        )
+    if problem is not None:
+        raise problem
+    if not done and header != file_size:
+        raise ShardError(f"{path} is cut short inside the tar header at byte {header}; {REBUILD}")
     return members
 
 

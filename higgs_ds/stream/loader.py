@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from higgs_ds.errors import UserError
+from higgs_ds.shards import verified
 from higgs_ds.stream.elastic import resumed_plan
 from higgs_ds.stream.plan import (
     BatchingConfig,
@@ -90,11 +91,22 @@ class DataConfig:
     names of the shards that batch reads (a hung network filesystem, a FIFO or device in place of a shard)
     instead of hanging the job. Covers reading, decoding and collating one batch; 0 waits forever; with
     num_workers = 0 there is no worker to time out."""
+    verify_shards: str = "once"
+    """When a dataloader worker checks a shard's sha256 against its index.json: "once" per machine and file
+    version (a record in $HIGGS_DS_CACHE or ~/.cache/higgs-ds/verified-shards, keyed by the file's path,
+    inode, size, mtime and ctime, so any write to the file hashes it again; later opens check only its tar
+    headers) or "always" (every worker, every epoch hashes every shard it opens: several us a sample, and
+    it also catches a file changed in place by something that restores its ctime, i.e. the clock or root)."""
 
     def __post_init__(self):
         if self.weights is not None:
             check_weights(self.weights, len(self.shards))
         check_clone_fraction(self.clone_references)
+        if self.verify_shards not in verified.MODES:
+            raise PlanError(
+                f"data.verify_shards = {self.verify_shards!r}: expected one of {verified.MODES} ('once': hash "
+                "each shard once per machine and file version; 'always': at every open)"
+            )
         timeout = self.loader_timeout
         number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
         if not number or not math.isfinite(timeout) or timeout < 0:
@@ -122,6 +134,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not cfg.shards:
             raise PlanError("no shard directories given (data.shards is empty)")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        verified.set_mode(cfg.verify_shards)  # module-wide: the dataloader workers forked later inherit it
         v3 = family == V3
         self.refs = shard_refs(cfg.shards, lengths_for=V3) if v3 else shard_refs(cfg.shards)
         indexes = [load_index(d) for d in cfg.shards]
@@ -190,6 +203,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
+        verified.set_mode(self.cfg.verify_shards)  # a worker started by spawn, not fork, has the default
         try:
             yield from self._batches(info)
         except UserError as err:

@@ -5,9 +5,9 @@ strict parsers of higgs_ds.shards.format (the only code that interprets a shard'
 
 - `load_index(dir)`: index.json parsed and schema-checked, and (check_files) every listed shard a regular
   file inside the directory with the size the index says: before training starts, on every rank.
-- `member_table(path)`: at the first open of a shard in a process (a dataloader worker), one sequential
-  read checks its tar headers, its sha256 and its sample count against the index, and keeps each member's
-  offset, so reading a sample later is one seek and one read.
+- `member_table(path)`: at the first open of a shard in a process (a dataloader worker), its tar headers,
+  its sample count and its sha256 are checked against the index (the sha256 once per machine and file
+  version: shards.verified), and each member's offset kept, so reading a sample later is one seek and one read.
 - `read_positions(refs, positions, vocab_size=)` (training) and `read_shard(path)` (verify, stats,
   evaluation): every sample decoded strictly and checked (`shard_format.check_sample`: fields and types,
   codes rows and values within the index's codec, token ids within the vocabulary) before it is returned,
@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from higgs_ds.shards import verified
 from higgs_ds.shards.format import (
     INDEX_FIX,
     MEMBER_TYPES,
@@ -189,11 +190,12 @@ def lengths_tokenizer(index: dict, family: str) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def member_table(path: str) -> tuple[tuple[tuple[str, str, int, int], ...], ...]:
-    """Per sample, its members as (name, suffix, data offset, size): at the first open in this process one
-    sequential read checks every tar header and, for a shard listed in an index, its size, sha256 and
-    sample count; cached per process, so reading any sample later is one seek and one read."""
+    """Per sample, its members as (name, suffix, data offset, size): at the first open in this process every
+    tar header is checked and, for a shard listed in an index, its size, sample count and sha256 (the
+    sha256 once per machine and file version with shards.verified's mode "once", else at every open);
+    cached per process, so reading any sample later is one seek and one read."""
     spec, _ = shard_promise(path)
-    table = group_samples(path, scan_tar(path, spec))
+    table = group_samples(path, scan_tar(path, spec, trust_record=verified.trust_records()))
     if spec is not None and len(table) != spec.num_samples:
         raise ShardError(
             f"{path} holds {len(table)} samples, its index.json says {spec.num_samples}: training would "
