@@ -10,6 +10,7 @@ a subprocess with a timeout and an address-space limit.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -343,6 +344,104 @@ def test_untrainable_samples_fail_in_the_reader_naming_shard_and_member(tmp_path
     assert "higgs-ds shards build" in message
     with pytest.raises(ShardError, match=re.escape(reason)):
         list(read_shard(str(path), vocab_size=1000))  # verify, stats and evaluation read the same way
+
+
+# ---------------------------------------------------------------- the KEY.tokens.npy member (token ids)
+
+
+def saved(array: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, **kwargs)
+    return buf.getvalue()
+
+
+def with_tokens(key: str, tokens: bytes, *extra: bytes, meta=None) -> bytes:
+    return sample(key, meta) + member(f"{key}.tokens.npy", tokens) + b"".join(extra)
+
+
+GOOD_TOKENS = np.array([[1, 2, 3, 4], [-100, -100, 3, 4]], "<i4")
+TOKENS_HEAD = "{'descr': '<i4', 'fortran_order': False, 'shape': (2, %d), }"
+# (the sample's members, what the message must say, the member it must name)
+TOKEN_LIES = {
+    "int64 ids": (with_tokens("000000000", saved(GOOD_TOKENS.astype(np.int64))), "'<i4' (int32)", "tokens.npy"),
+    "float ids": (with_tokens("000000000", saved(GOOD_TOKENS.astype(np.float32))), "'<i4' (int32)", "tokens.npy"),
+    "big-endian ids": (with_tokens("000000000", saved(GOOD_TOKENS.astype(">i4"))), "'<i4' (int32)", "tokens.npy"),
+    "one row": (with_tokens("000000000", saved(GOOD_TOKENS[:1])), "(2, n)", "tokens.npy"),
+    "fortran order": (with_tokens("000000000", saved(np.asfortranarray(GOOD_TOKENS))), "C-order", "tokens.npy"),
+    "pickled object array": (
+        with_tokens("000000000", saved(np.array([[1, "x"], [2, None]], dtype=object), allow_pickle=True)),
+        "never an object array or pickle",
+        "tokens.npy",
+    ),
+    "cut short": (with_tokens("000000000", saved(GOOD_TOKENS)[:-4]), "32 bytes, the member holds 28", "tokens.npy"),
+    "declares 2**40 tokens": (
+        with_tokens("000000000", npy(TOKENS_HEAD % (1 << 40), GOOD_TOKENS.tobytes())),
+        "declares shape (2, 1099511627776)",
+        "tokens.npy",
+    ),
+    "no tokens": (with_tokens("000000000", npy(TOKENS_HEAD % 0)), "declares shape (2, 0)", "tokens.npy"),
+    "id outside the vocabulary": (
+        with_tokens("000000000", saved(np.array([[1, 5000], [-100, 2]], "<i4"))),
+        "token id 5000 is outside the tokenizer's vocabulary [0, 1000)",
+        "tokens.npy",
+    ),
+    "negative id": (
+        with_tokens("000000000", saved(np.array([[-1, 2], [-100, 2]], "<i4"))),
+        "token id -1",
+        "tokens.npy",
+    ),
+    "label outside the vocabulary": (
+        with_tokens("000000000", saved(np.array([[1, 2], [-5, 2]], "<i4"))),
+        "label ids must be -100 or token ids in [0, 1000)",
+        "tokens.npy",
+    ),
+    "ids in the JSON too": (
+        with_tokens("000000000", saved(GOOD_TOKENS), meta=meta_of("000000000", 5, input_ids=[1], label_ids=[1])),
+        "the sample's JSON holds token ids too",
+        "tokens.npy",
+    ),
+}
+# members that do not make a sample: refused by the member table, naming the sample's members
+TOKEN_MEMBER_LIES = {
+    "duplicated": with_tokens("000000000", saved(GOOD_TOKENS), member("000000000.tokens.npy", saved(GOOD_TOKENS))),
+    "without codes": member("000000000.json", json.dumps(meta_of("000000000", 5)).encode())
+    + member("000000000.tokens.npy", saved(GOOD_TOKENS)),
+    "without JSON": member("000000000.codes.npy", encode_codes(codes_of(5)))
+    + member("000000000.tokens.npy", saved(GOOD_TOKENS)),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("lie", sorted(TOKEN_LIES))
+def test_lying_token_members_fail_naming_shard_and_member(tmp_path, lie):
+    members, reason, suffix = TOKEN_LIES[lie]
+    directory = write_set(tmp_path / "set", {"shard-000000.tar": (tar_of(members), 1)})
+    path = directory / "shard-000000.tar"
+    with pytest.raises(ShardError) as err:
+        list(read_positions(shard_refs([str(directory)]), [(0, 0)], vocab_size=1000))
+    message = str(err.value)
+    assert message.startswith(f"{path}: member '000000000.{suffix}'") and reason in message, message
+    assert "higgs-ds shards build" in message
+    with pytest.raises(ShardError, match=re.escape(reason)):
+        list(read_shard(str(path), vocab_size=1000))
+    if lie == "declares 2**40 tokens":  # 8 TiB declared: refused before anything is allocated
+        assert probe(path).startswith("REFUSED")
+
+
+@pytest.mark.parametrize("lie", sorted(TOKEN_MEMBER_LIES))
+def test_samples_with_a_wrong_set_of_token_members_are_refused(tmp_path, lie):
+    directory = write_set(tmp_path / "set", {"shard-000000.tar": (tar_of(TOKEN_MEMBER_LIES[lie]), 1)})
+    with pytest.raises(ShardError, match=r"sample '000000000' has members .*at most one KEY.tokens.npy"):
+        list(read_positions(shard_refs([str(directory)]), [(0, 0)], vocab_size=1000))
+
+
+def test_good_token_members_read_as_their_ids(tmp_path):
+    directory = write_set(
+        tmp_path / "set", {"shard-000000.tar": (tar_of(with_tokens("000000000", saved(GOOD_TOKENS))), 1)}
+    )
+    (record,) = read_positions(shard_refs([str(directory)]), [(0, 0)], vocab_size=1000)
+    ids, labels = record["token_ids"]
+    assert ids.tolist() == [1, 2, 3, 4] and labels.tolist() == [-100, -100, 3, 4]
 
 
 # ---------------------------------------------------------------- finding 5: index.json

@@ -81,3 +81,67 @@ def test_codes_decode_like_numpy_and_refuse_anything_else(tmp_path):
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ShardError, match="never an object array or pickle"):
         decode_codes(buf.getvalue(), "m")
+
+
+def _tts_sample(i: int, tok) -> tuple[dict, np.ndarray]:
+    from higgs_ds.stream.tokens import chatml_tokens, expanded_length
+
+    frames = 20 + 7 * i
+    chatml = {
+        "messages": [
+            {"role": "system", "content": "Generate audio following instruction."},
+            {"role": "user", "content": f"sample number {i} reads a short line"},
+            {"role": "assistant", "content": {"type": "audio", "audio_url": f"a/{i}.flac"}},
+        ],
+        "speaker": "spk0",
+    }
+    input_ids, label_ids, _ = chatml_tokens(chatml, tok)
+    meta = dict(chatml, id=f"s{i}", audio=[{"url": f"a/{i}.flac", "frames": frames, "seconds": frames / 25}])
+    meta.update(target_frames=frames, expanded_length=expanded_length(len(input_ids), [frames]))
+    meta.update(input_ids=input_ids, label_ids=label_ids)
+    codes = np.random.RandomState(i).randint(0, 1024, size=(8, frames)).astype(np.uint16)
+    return meta, codes
+
+
+def test_token_ids_as_a_member_or_in_old_shards_json_give_equal_batches(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from higgs_ds.models.interface import make_collator
+    from higgs_ds.shards.writer import ShardWriter
+    from higgs_ds.stream import tokens
+    from higgs_ds.stream.tokens import SampleEncoder
+
+    tok, config = AutoTokenizer.from_pretrained(tiny_model_dir), AutoConfig.from_pretrained(tiny_model_dir)
+    samples = [_tts_sample(i, tok) for i in range(5)]
+    writer = ShardWriter(tmp_path / "new", max_samples=10)
+    for i, (meta, codes) in enumerate(samples):
+        writer.write(f"{i:09d}", meta, codes, 1.0)
+    new = str(tmp_path / "new" / writer.close()[0]["file"])
+    with tarfile.open(new) as tar:
+        names = tar.getnames()
+        assert "000000000.tokens.npy" in names and b"input_ids" not in tar.extractfile("000000000.json").read()
+    old = tmp_path / "old.tar"  # what earlier builders wrote: the ids in each sample's JSON, no tokens member
+    _write_tar(old, {k: v for i, (m, c) in enumerate(samples) for k, v in _old_sample(f"{i:09d}", m, c).items()})
+    assert not any(n.endswith("tokens.npy") for n in tarfile.open(old).getnames())
+
+    encode, collate = SampleEncoder(tok, stored_tokens=True), make_collator(config, tok, "fast")
+    monkeypatch.setattr(tokens, "chatml_tokens", lambda *a: pytest.fail("tokenized: the stored ids were not used"))
+    positions = [(0, i) for i in (3, 0, 4, 1, 2)]
+    batches, encoded = [], []
+    for path in (new, str(old)):
+        member_table.cache_clear()
+        records = list(read_positions([ShardRef(path, 5)], positions, vocab_size=len(tok)))
+        encoded.append([encode(r) for r in records])
+        batches.append(collate(encoded[-1]))
+    assert [e.input_ids.tolist() for e in encoded[0]] == [samples[i][0]["input_ids"] for _, i in positions]
+    assert [e.label_ids.tolist() for e in encoded[0]] == [samples[i][0]["label_ids"] for _, i in positions]
+    assert batches[0].keys() == batches[1].keys()
+    for key in batches[0]:
+        a, b = batches[0][key], batches[1][key]
+        assert (a == b).all() if hasattr(a, "shape") else a == b, key
+
+
+def _old_sample(key: str, meta: dict, codes: np.ndarray) -> dict:
+    import json
+
+    return {f"{key}.codes.npy": encode_codes(codes), f"{key}.json": json.dumps(meta, sort_keys=True).encode()}

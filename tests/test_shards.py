@@ -34,11 +34,20 @@ def test_index_describes_the_shards(small_shards):
     assert (small_shards / "rejects.jsonl").read_text() == ""
 
 
-def test_shard_members_are_json_and_uint16_codes(small_shards):
-    names = tarfile.open(small_shards / "shard-000000.tar").getnames()
-    assert names == [f"00000000{i}.{ext}" for i in range(3) for ext in ("codes.npy", "json")]
+def test_shard_members_are_json_uint16_codes_and_int32_tokens(small_shards, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from higgs_ds.stream.tokens import chatml_tokens
+
+    names = tarfile.open(small_shards / "shard-000000.tar").getnames()  # built with --tokenizer
+    assert names == [f"00000000{i}.{ext}" for i in range(3) for ext in ("codes.npy", "json", "tokens.npy")]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for _, record in read_shard(str(small_shards / "shard-000000.tar")):
-        meta, codes = record["json"], record["codes"]
+        meta, codes, tokens = record["json"], record["codes"], record["tokens"]
+        assert "input_ids" not in meta and "label_ids" not in meta  # the ids are binary, not JSON lists
+        chatml = {k: meta[k] for k in ("messages", "speaker") if k in meta}
+        input_ids, label_ids, _ = chatml_tokens(chatml, tok, meta["id"])
+        assert tokens.dtype == np.int32 and tokens.tolist() == [input_ids, label_ids]
         assert codes.dtype == np.uint16 and codes.shape[0] == 8
         assert codes.shape[1] == sum(a["frames"] for a in meta["audio"])
         for item in meta["audio"]:  # T = ceil(24 kHz samples / 960), or one less (codec trims its branches)

@@ -176,7 +176,8 @@ def _encode_group(codec, waves: list, paths: list[str]) -> list:
 
 
 def _tokens(chatml: dict, frames: list[int], sample_id) -> dict:
-    """With a v2 --tokenizer: boson's token ids and the exact expanded length, stored in the sample's json."""
+    """With a v2 --tokenizer: boson's token ids (the writer stores them as the KEY.tokens.npy member) and the
+    exact expanded length (in the sample's json)."""
     tok = _WORKER.get("tokenizer")
     if tok is None:
         return {}

@@ -10,12 +10,14 @@ size and before a sample can reach the model.
     members = scan_tar(path, spec)                          # (name, offset, size); size + sha256 same pass
     table = group_samples(path, members)                    # per sample its .json and .codes.npy member
     codes = decode_codes(data, where)                       # uint16 (K, T) view: no np.load, no pickle
+    tokens = decode_tokens(data, where)                     # int32 (2, n) view: input ids, label ids
     check_sample(record, path, names, limits)               # fields training needs; codes and ids in range
 
 Only what the builder writes is accepted: POSIX ustar headers of regular files with octal numbers and a
 valid checksum (pax and GNU extension headers, links, devices and base-256 numbers are refused by name:
 Python's tarfile is never used on a shard, since it hangs on a pax header with a negative size), members
-KEY.json and KEY.codes.npy, C-order '<u2' 2-D arrays whose declared shape matches their bytes.
+KEY.json, KEY.codes.npy (C-order '<u2' 2-D arrays) and, from a v2 --tokenizer, KEY.tokens.npy (C-order
+'<i4' (2, n) arrays), each array's declared shape matching its bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ INDEX_FIX = (
     "it was edited or not written by higgs-ds: rebuild the shard set with `higgs-ds shards build` "
     "(`higgs-ds shards index` for a sliced build)"
 )
-MEMBER_TYPES = ("json", "codes.npy")
+MEMBER_TYPES = ("json", "codes.npy", "tokens.npy")
+# a sample's members: its JSON and codes, and (shards built with a v2 --tokenizer) its token ids
+SAMPLE_MEMBERS = (["codes.npy", "json"], ["codes.npy", "json", "tokens.npy"])
 # schema 1: per-shard lists in index.json (the v3 ones with a Higgs TTS 3 --tokenizer: shards.lengths)
 PER_SAMPLE_KEYS = ("lengths", "speakers", "clone_parts", "v3_lengths", "v3_clone_parts")
 BLOCK = 512
@@ -60,6 +64,8 @@ _KEY = re.compile(r"[A-Za-z0-9_-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The header np.save writes for a C-order 2-D uint16 array, the only one the builder writes.
 _NPY_HEADER = re.compile(rb"\{'descr': '<u2', 'fortran_order': False, 'shape': \((\d{1,19}), (\d{1,19})\), \} *\n")
+# ... and the one of the (2, n) int32 token ids
+_TOKENS_HEADER = re.compile(rb"\{'descr': '<i4', 'fortran_order': False, 'shape': \(2, (\d{1,19})\), \} *\n")
 _TAR_TYPES = {
     b"x": "a pax extended header",
     b"g": "a pax global header",
@@ -379,8 +385,8 @@ def _header_fields(block: bytes, pos: int, path: str, file_size: int) -> tuple[s
     raw = block[:100].split(b"\0", 1)[0]
     if block[345] != 0 or not raw.isascii():
         raise ShardError(
-            f"{path}: tar header at byte {pos}: member name {raw!r} is not a plain ASCII KEY.json or "
-            f"KEY.codes.npy; {REBUILD}"
+            f"{path}: tar header at byte {pos}: member name {raw!r} is not a plain ASCII KEY.json, "
+            f"KEY.codes.npy or KEY.tokens.npy; {REBUILD}"
         )
     name = raw.decode("ascii")
     if pos + BLOCK + size > file_size:
@@ -490,8 +496,8 @@ def _scan_hashing(f: BinaryIO, path: str, file_size: int, spec: ShardSpec | None
 
 
 def group_samples(path: str, members) -> tuple[tuple[tuple[str, str, int, int], ...], ...]:
-    """Per sample, its members as (name, suffix, data offset, size): exactly one KEY.json and one
-    KEY.codes.npy, adjacent, each key once."""
+    """Per sample, its members as (name, suffix, data offset, size): exactly one KEY.json, one KEY.codes.npy
+    and at most one KEY.tokens.npy, adjacent, each key once."""
     samples: list[list] = []
     seen: set[str] = set()
     current = None
@@ -499,8 +505,8 @@ def group_samples(path: str, members) -> tuple[tuple[tuple[str, str, int, int], 
         key, _, suffix = name.partition(".")
         if suffix not in MEMBER_TYPES or not (key.isdigit() or _KEY.fullmatch(key)):  # the builder's keys: digits
             raise ShardError(
-                f"{path}: unexpected member {name!r}; higgs-ds shards hold only KEY.json and KEY.codes.npy "
-                f"members; {REBUILD}"
+                f"{path}: unexpected member {name!r}; higgs-ds shards hold only KEY.json, KEY.codes.npy and "
+                f"KEY.tokens.npy members; {REBUILD}"
             )
         if key != current:
             if key in seen:
@@ -510,11 +516,11 @@ def group_samples(path: str, members) -> tuple[tuple[tuple[str, str, int, int], 
             current = key
         samples[-1].append((name, suffix, offset, size))
     for sample in samples:
-        if sorted(m[1] for m in sample) != ["codes.npy", "json"]:
+        if sorted(m[1] for m in sample) not in SAMPLE_MEMBERS:
             raise ShardError(
                 f"{path}: sample {sample[0][0].partition('.')[0]!r} has members {[m[0] for m in sample]}, "
-                f"a higgs-ds sample has exactly one KEY.json and one KEY.codes.npy (a truncated or hand-made "
-                f"shard); {REBUILD}"
+                f"a higgs-ds sample has exactly one KEY.json and one KEY.codes.npy, and at most one "
+                f"KEY.tokens.npy (a truncated or hand-made shard); {REBUILD}"
             )
     return tuple(tuple(sample) for sample in samples)
 
@@ -522,19 +528,23 @@ def group_samples(path: str, members) -> tuple[tuple[tuple[str, str, int, int], 
 # ---------------------------------------------------------------- members
 
 
+def _npy_header(data: bytes, where: str) -> tuple[int, int]:
+    """(start of the header's dict, start of the array data) of a .npy member, from its magic and version."""
+    if data[:6] != b"\x93NUMPY":
+        raise ShardError(f"{where} is not a .npy array (an .npz archive or another format); {REBUILD}")
+    if data[6:8] == b"\x01\x00":
+        return 10, 10 + int.from_bytes(data[8:10], "little")
+    if data[6:8] in (b"\x02\x00", b"\x03\x00"):
+        return 12, 12 + int.from_bytes(data[8:12], "little")
+    raise ShardError(f"{where}: unknown .npy format version {tuple(data[6:8])}; {REBUILD}")
+
+
 def decode_codes(data: bytes, where: str) -> np.ndarray:
     """The (K, T) uint16 array of a .codes.npy member, a view of `data`: the header must be the one np.save
     writes for a C-order '<u2' 2-D array, and its shape must account for exactly the member's bytes, which
     is checked before anything is allocated (np.load would allocate a declared 16 TiB first)."""
-    if data[:6] != b"\x93NUMPY":
-        raise ShardError(f"{where} is not a .npy array (an .npz archive or another format); {REBUILD}")
-    if data[6:8] == b"\x01\x00":
-        start = 10 + int.from_bytes(data[8:10], "little")
-    elif data[6:8] in (b"\x02\x00", b"\x03\x00"):
-        start = 12 + int.from_bytes(data[8:12], "little")
-    else:
-        raise ShardError(f"{where}: unknown .npy format version {tuple(data[6:8])}; {REBUILD}")
-    m = _NPY_HEADER.fullmatch(data, 10 if data[6] == 1 else 12, start)
+    head, start = _npy_header(data, where)
+    m = _NPY_HEADER.fullmatch(data, head, start)
     if m is None or len(data) < start:
         raise ShardError(
             f"{where}: its .npy header {bytes(data[10 : min(start, 200)])!r} is not the one of a C-order 2-D "
@@ -552,6 +562,25 @@ def decode_codes(data: bytes, where: str) -> np.ndarray:
             f"holds {len(data) - start}; {REBUILD}"
         )
     return np.frombuffer(data, "<u2", rows * cols, start).reshape(rows, cols)
+
+
+def decode_tokens(data: bytes, where: str) -> np.ndarray:
+    """The (2, n) int32 array of a .tokens.npy member (row 0 input ids, row 1 label ids), a view of `data`,
+    held to the header np.save writes for it and to exactly the member's bytes, as decode_codes is."""
+    head, start = _npy_header(data, where)
+    m = _TOKENS_HEADER.fullmatch(data, head, start)
+    if m is None or len(data) < start:
+        raise ShardError(
+            f"{where}: its .npy header {bytes(data[10 : min(start, 200)])!r} is not the one of a C-order (2, n) "
+            f"'<i4' (int32) array, the only token ids higgs-ds writes (never an object array or pickle); {REBUILD}"
+        )
+    n = int(m.group(1))
+    if not 0 < n < 1 << 31 or len(data) - start != 8 * n:
+        raise ShardError(
+            f"{where}: its .npy header declares shape (2, {n}), {8 * n} bytes, the member holds "
+            f"{len(data) - start} (a sample has 1 to 2**31 - 1 tokens); {REBUILD}"
+        )
+    return np.frombuffer(data, "<i4", 2 * n, start).reshape(2, n)
 
 
 def decode_json(data: bytes, where: str) -> dict:
@@ -578,14 +607,19 @@ def _check_ids(meta: dict, vocab_size: int | None, bad) -> tuple[np.ndarray, np.
     arrays = (ids_arr, labels_arr)
     if ids_arr is None or any(a.dtype != np.int64 or a.ndim != 1 for a in arrays):
         raise bad("'input_ids' and 'label_ids' must hold integers")
+    return _check_id_range(ids_arr, labels_arr, vocab_size, bad)
+
+
+def _check_id_range(ids: np.ndarray, labels: np.ndarray, vocab_size: int | None, bad) -> tuple:
+    """(ids, labels) if every id is in [0, vocab) and every label -100 or in [0, vocab), else bad(...)."""
     top = vocab_size if vocab_size is not None else 1 << 63
-    low, high = int(ids_arr.min()), int(ids_arr.max())
+    low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= top:
         raise bad(f"token id {low if low < 0 else high} is outside the tokenizer's vocabulary [0, {top})")
-    trained = labels_arr[labels_arr != -100]
+    trained = labels[labels != -100]
     if trained.size and (int(trained.min()) < 0 or int(trained.max()) >= top):
         raise bad(f"label ids must be -100 or token ids in [0, {top})")
-    return ids_arr, labels_arr
+    return ids, labels
 
 
 def _check_meta(meta: dict, where: str, vocab_size: int | None) -> tuple[list[int], tuple | None]:
@@ -640,12 +674,23 @@ def _check_v3_meta(v3, bad) -> None:
         raise bad(f"'v3.clone_parts' is {parts!r}, expected [head, pair] beside a v3 length, or null")
 
 
+def _bad_at(where: str):
+    return lambda what: ShardError(f"{where}: {what}; {REBUILD}")
+
+
 def check_sample(record: dict, path: str, names: dict, limits: SampleLimits) -> None:
     """Raise ShardError naming shard and member unless the decoded sample is one training can use: its JSON
     has the fields and types training reads (token ids inside the vocabulary), its codes have
     `num_codebooks` rows, every code < `codebook_size`, and as many frames as its audio items. Sets
-    record["token_ids"]: its stored (input_ids, label_ids) as checked int64 arrays, or None."""
+    record["token_ids"]: its stored (input_ids, label_ids) as checked integer arrays (int32 from a
+    KEY.tokens.npy member, int64 from an older shard's JSON lists), or None."""
     frames, record["token_ids"] = _check_meta(record["json"], f"{path}: member {names['json']!r}", limits.vocab_size)
+    if "tokens" in record:
+        where = f"{path}: member {names['tokens']!r}"
+        if record["token_ids"] is not None:
+            raise ShardError(f"{where}: the sample's JSON holds token ids too (a hand-made shard); {REBUILD}")
+        tokens = record["tokens"]
+        record["token_ids"] = _check_id_range(tokens[0], tokens[1], limits.vocab_size, _bad_at(where))
     codes, where = record["codes"], f"{path}: member {names['codes']!r}"
     if limits.num_codebooks is not None and codes.shape[0] != limits.num_codebooks:
         raise ShardError(

@@ -2,7 +2,7 @@
 
 On-disk layout of a shard directory (schema 2):
 
-    DIR/shard-000000.tar      WebDataset tar; per sample two members with the same key (the sample's
+    DIR/shard-000000.tar      WebDataset tar; per sample two or three members, one key (the sample's
                               9-digit ordinal in the build's whole input):
         KEY.json              the ChatML sample (messages with their original audio_url), its source
                               (manifest, line), speaker, "audio": [{"url", "frames", "seconds"}] in order of
@@ -12,6 +12,9 @@ On-disk layout of a shard directory (schema 2):
                               (shards.lengths)
         KEY.codes.npy         uint16 (num_codebooks, sum of frames): every audio item's codes, concatenated
                               in order of appearance (numpy .npy with a plain dtype: no pickle)
+        KEY.tokens.npy        with a v2 --tokenizer: int32 (2, n), boson's input_ids and label_ids (-100:
+                              not trained), read by training without parsing a JSON list (shards built by
+                              earlier versions keep them as "input_ids"/"label_ids" in KEY.json; both read)
     DIR/index.json            schema version, codec provenance, per-shard file/count/bytes/sha256/seconds,
                               target-frame and expanded-length statistics, the speaker table, the
                               sidecar's name/bytes/sha256 ("sample_table"), and the build summary
@@ -56,6 +59,15 @@ def encode_codes(codes: np.ndarray) -> bytes:
     assert codes.dtype == np.uint16 and codes.ndim == 2, (codes.dtype, codes.shape)
     buf = io.BytesIO()
     np.save(buf, codes, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_tokens(input_ids: list[int], label_ids: list[int]) -> bytes:
+    """The KEY.tokens.npy member: int32 (2, n) C-order, row 0 the input ids, row 1 the labels."""
+    tokens = np.array([input_ids, label_ids], dtype="<i4")
+    assert tokens.ndim == 2 and tokens.shape[1] > 0, tokens.shape
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
     return buf.getvalue()
 
 
@@ -124,12 +136,15 @@ class ShardWriter:
         """Add one sample; True when this sample completed a shard."""
         if self._tar is None:
             self._open()
+        meta = {k: v for k, v in sample_json.items() if k not in ("input_ids", "label_ids")}
         payload = {
             "__key__": key,
             # backslashreplace: a non-UTF-8 manifest file name (in "source") is written as a \udcXX escape
-            "json": json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8", "backslashreplace"),
+            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8", "backslashreplace"),
             "codes.npy": encode_codes(codes),
         }
+        if "input_ids" in sample_json:  # stored as binary: training reads them without parsing JSON lists
+            payload["tokens.npy"] = encode_tokens(sample_json["input_ids"], sample_json["label_ids"])
         self._entry["bytes"] += self._tar.write(payload)
         self._entry["num_samples"] += 1
         self._entry["audio_seconds"] += audio_seconds

@@ -31,6 +31,7 @@ from higgs_ds.shards.format import (
     check_sample,
     decode_codes,
     decode_json,
+    decode_tokens,
     empty_shard_problem,
     group_samples,
     open_regular,
@@ -213,8 +214,10 @@ def _decode_sample(path: str, members, span: bytes, first: int, limits: SampleLi
         where = f"{path}: member {name!r}"
         if suffix == "json":
             record["json"], names["json"] = decode_json(data, where), name
-        else:
+        elif suffix == "codes.npy":
             record["codes"], names["codes"] = decode_codes(data, where), name
+        else:
+            record["tokens"], names["tokens"] = decode_tokens(data, where), name
     check_sample(record, path, names, limits)
     return record
 

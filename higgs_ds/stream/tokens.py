@@ -156,9 +156,9 @@ class SampleEncoder:
 
     def __call__(self, record: dict) -> EncodedSample:
         meta = record["json"]
-        if self.stored_tokens and "input_ids" in meta:
-            # the reader's checked int64 arrays of the same ids, when it has made them
-            input_ids, label_ids = record.get("token_ids") or (meta["input_ids"], meta["label_ids"])
+        stored = record.get("token_ids")  # the reader's checked arrays: a tokens.npy member or the JSON's lists
+        if self.stored_tokens and (stored is not None or "input_ids" in meta):
+            input_ids, label_ids = stored or (meta["input_ids"], meta["label_ids"])
             num_audio = len(meta["audio"])
         else:
             chatml = {k: meta[k] for k in ("messages", "speaker", "start_index", "misc") if k in meta}
