@@ -211,7 +211,7 @@ def _sample_targets(shards, model_dir) -> dict:
     for shard in sorted(shards.glob("shard-*.tar")):
         for _, record in read_shard(str(shard)):
             meta, total = record["json"], 0
-            ids, labels = meta["input_ids"], meta["label_ids"]
+            ids, labels = (a.tolist() for a in record["token_ids"])  # the ids stored at build time
             total += sum(1 for t, y in zip(ids[1:], labels[1:]) if y != -100 and t != audio_out)
             audio_tokens = [(t, y) for t, y in zip(ids, labels) if t in (audio_in, audio_out)]
             for (t, y), item in zip(audio_tokens, meta["audio"]):

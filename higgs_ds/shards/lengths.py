@@ -5,8 +5,8 @@ One shard set trains a Higgs-Audio v2 family (Llama-3 tokenizer, boson's ChatML 
 family's own positions before the epoch, so the builder computes both and the index keeps both; the plan
 never re-reads a shard for them.
 
-* v2 (a tokenizer with <|start_header_id|>): the sample json's "input_ids", "label_ids",
-  "expanded_length" and "clone_parts", as before (higgs_ds.stream.tokens).
+* v2 (a tokenizer with <|start_header_id|>): the token ids and labels (the sample's KEY.tokens.npy member,
+  written by shards.writer), and the sample json's "expanded_length" and "clone_parts" (higgs_ds.stream.tokens).
 * v3 (higgs_ds.models.v3.tokenizer.special_ids succeeds): the sample json's
       "v3": {"expanded_length": L, "clone_parts": [head, pair] or null}
   with L = ceil8(positions of the prompt higgs_ds.models.v3.prompt.V3SampleEncoder gives the record: the
