@@ -7,6 +7,7 @@ import json
 import sys
 
 from higgs_ds.errors import EXIT_CODES_HELP, CheckFailed, UserError, report
+from higgs_ds.models.family import ALL_FAMILIES
 
 
 def _tiny_model(args):
@@ -220,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--family",
-        choices=["native", "boson", "v3"],
+        choices=ALL_FAMILIES,
         default=None,
         help="native: HiggsAudioV2ForConditionalGeneration; boson: boson_multimodal's HiggsAudioModel; v3: Higgs "
         "TTS 3 in its released layout (default environment) (default: the v2 family this environment trains)",
@@ -328,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help="LoRA base model directory (default: the one recorded in the adapter)")
     s.add_argument(
         "--format",
-        choices=["native", "boson", "v3"],
+        choices=ALL_FAMILIES,
         default="native",
         help="native (default): transformers-native HiggsAudioV2ForConditionalGeneration, as Boson publishes it "
         "since April 2026; boson: boson_multimodal's HiggsAudioModel, for boson's serve engine; v3: a Higgs TTS 3 "
@@ -385,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="override max_steps of configs/demo.toml")
     s.add_argument(
         "--family",
-        choices=["native", "boson", "v3"],
+        choices=ALL_FAMILIES,
         default=None,
         help="the model trained: this environment's Higgs-Audio v2 family (default), or v3: a tiny Higgs TTS 3 "
         "(native environment)",

@@ -334,16 +334,22 @@ SAMPLE_LIES = {
 @pytest.mark.parametrize("lie", sorted(SAMPLE_LIES))
 def test_untrainable_samples_fail_in_the_reader_naming_shard_and_member(tmp_path, lie):
     meta, codes, reason = SAMPLE_LIES[lie]
-    shard = tar_of(sample("000000000", meta, encode_codes(codes)))
+    _refused_by_both_readers(tmp_path, tar_of(sample("000000000", meta, encode_codes(codes))), reason, "")
+
+
+def _refused_by_both_readers(tmp_path, shard: bytes, reason: str, suffix: str) -> Path:
+    """The one-sample shard is refused by training's reader and by read_shard (verify, stats and evaluation
+    read the same way), naming shard and member (`suffix`: the member's, or "" for any) and the fix."""
     directory = write_set(tmp_path / "set", {"shard-000000.tar": (shard, 1)})
     path = directory / "shard-000000.tar"
     with pytest.raises(ShardError) as err:
         list(read_positions(shard_refs([str(directory)]), [(0, 0)], vocab_size=1000))
     message = str(err.value)
-    assert message.startswith(f"{path}: member '000000000.") and reason in message, message
+    assert message.startswith(f"{path}: member '000000000.{suffix}") and reason in message, message
     assert "higgs-ds shards build" in message
     with pytest.raises(ShardError, match=re.escape(reason)):
-        list(read_shard(str(path), vocab_size=1000))  # verify, stats and evaluation read the same way
+        list(read_shard(str(path), vocab_size=1000))
+    return path
 
 
 # ---------------------------------------------------------------- the KEY.tokens.npy member (token ids)
@@ -415,15 +421,7 @@ TOKEN_MEMBER_LIES = {
 @pytest.mark.parametrize("lie", sorted(TOKEN_LIES))
 def test_lying_token_members_fail_naming_shard_and_member(tmp_path, lie):
     members, reason, suffix = TOKEN_LIES[lie]
-    directory = write_set(tmp_path / "set", {"shard-000000.tar": (tar_of(members), 1)})
-    path = directory / "shard-000000.tar"
-    with pytest.raises(ShardError) as err:
-        list(read_positions(shard_refs([str(directory)]), [(0, 0)], vocab_size=1000))
-    message = str(err.value)
-    assert message.startswith(f"{path}: member '000000000.{suffix}'") and reason in message, message
-    assert "higgs-ds shards build" in message
-    with pytest.raises(ShardError, match=re.escape(reason)):
-        list(read_shard(str(path), vocab_size=1000))
+    path = _refused_by_both_readers(tmp_path, tar_of(members), reason, f"{suffix}'")
     if lie == "declares 2**40 tokens":  # 8 TiB declared: refused before anything is allocated
         assert probe(path).startswith("REFUSED")
 

@@ -29,6 +29,7 @@ from higgs_ds.errors import UserError
 
 NATIVE, BOSON, V3 = "native", "boson", "v3"
 FAMILIES = (NATIVE, BOSON)  # the Higgs-Audio v2 formats, converted into each other (`higgs-ds convert --to`)
+ALL_FAMILIES = (NATIVE, BOSON, V3)  # every family higgs-ds trains (`--family` choices)
 MODEL_TYPES = {"higgs_audio_v2": NATIVE, "higgs_audio": BOSON, "higgs_multimodal_qwen3": V3}
 NATIVE_CODEC_TYPE = "higgs_audio_v2_tokenizer"
 BOSON_VENV = ".venv-boson"

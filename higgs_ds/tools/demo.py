@@ -29,14 +29,14 @@ import time
 from pathlib import Path
 
 from higgs_ds.errors import UserError
-from higgs_ds.models.family import ENVIRONMENT_HELP, NATIVE, TRAINED_IN, V3, environment_family
+from higgs_ds.models.family import BOSON, ENVIRONMENT_HELP, NATIVE, TRAINED_IN, V3, environment_family
 from higgs_ds.safe_io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MANIFEST = REPO / "shards" / "demo" / "manifest.jsonl"
 DEMO_MARKER = "higgs_ds_demo.json"
 DEMO_SPLIT = "0.1"  # held out for `higgs-ds evaluate` (by a hash of the sample id)
-FAMILY_NAMES = {NATIVE: "Higgs-Audio v2 (native)", "boson": "Higgs-Audio v2 (boson's classes)", V3: "Higgs TTS 3"}
+FAMILY_NAMES = {NATIVE: "Higgs-Audio v2 (native)", BOSON: "Higgs-Audio v2 (boson's classes)", V3: "Higgs TTS 3"}
 
 
 def _say(msg: str) -> None:
