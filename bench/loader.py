@@ -12,9 +12,11 @@ with one thread. Every path gets the same timing (bench/common.py: 1 warm-up pas
   fresh worker does: header scan, + sha256 with --verify-shards always; with "once" (the default) the warm-up
   pass hashes and records each shard in an empty cache and the timed passes scan headers only) and one seek +
   one read per sample in the epoch plan's order, no decoding;
-* stream: the training path itself, build_dataloader -> ShardStream -> read_positions (strict decode and
-  checks) -> SampleEncoder (the stored token ids) -> this environment's family collator, with budget batching
-  (--max-tokens), num_workers=0: one loader core; and its stages (read, encode, collate) timed apart;
+* floors.random_reads: one os.pread per sample of exactly its members' bytes, in the plan's order, files open;
+* stream: the training path itself, build_dataloader -> ShardStream (shards checked whole on this machine:
+  one read a sample and two views, higgs_ds.stream.checked_read; else read_positions with every check +
+  SampleEncoder on the stored token ids) -> this environment's family collator, with budget batching
+  (--max-tokens), num_workers=0: one loader core; and its stages timed apart (the strict path too);
 * headroom: what one H100 consumes at the MFU goal, tokens/s = MFU x peak / (6 x params), converted to
   samples/s with these shards' mean expanded tokens per sample;
 * seed_path: the seed design (per sample: read the audio, resample with librosa, encode with the released
@@ -148,16 +150,51 @@ def reader_floor(refs, positions: list[tuple[int, int]]):
 # ------------------------------------------------------------------------------------------ the stream
 
 
+def random_read_floor(refs, positions: list[tuple[int, int]]):
+    """One os.pread per sample of exactly its members' bytes, in the epoch plan's order, every file held open:
+    what random access to the samples costs in system calls and copies, before any parsing."""
+    from higgs_ds.stream.reader import member_table
+
+    spans = {}
+    for s, i in positions:
+        members = member_table(refs[s].path)[i]
+        spans[s, i] = (members[0][2], members[-1][2] + members[-1][3] - members[0][2])
+    order = [(s, *spans[s, i]) for s, i in positions]
+
+    def prepare():
+        fds = {s: os.open(refs[s].path, os.O_RDONLY) for s in {s for s, _ in positions}}
+
+        def run():
+            try:
+                for s, start, length in order:
+                    os.pread(fds[s], length, start)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+
+        return run
+
+    return prepare
+
+
+def _fresh_worker() -> None:
+    """Forget what this process has opened, as each epoch's new dataloader worker starts."""
+    from higgs_ds.stream import checked_read
+    from higgs_ds.stream.reader import member_table
+
+    member_table.cache_clear()
+    checked_read.clear()
+
+
 def stream(shards: Path, tok, config, max_tokens: int, collator: str, counted: list, verify: str):
     """The training path, a fresh loader per pass (as each epoch's workers are fresh)."""
     from higgs_ds.stream.loader import DataConfig, build_dataloader
-    from higgs_ds.stream.reader import member_table
 
     cfg = DataConfig(shards=[str(shards)], max_tokens=max_tokens, num_workers=0, collator=collator,
                      verify_shards=verify)  # fmt: skip
 
     def prepare():
-        member_table.cache_clear()
+        _fresh_worker()
         loader = build_dataloader(cfg, tok, config, rank=0, world_size=1)  # index + epoch plan: outside
 
         def run():
@@ -169,9 +206,12 @@ def stream(shards: Path, tok, config, max_tokens: int, collator: str, counted: l
 
 
 def stream_stages(shards: Path, tok, config, max_tokens: int, collator: str, timing: dict, verify: str) -> dict:
-    """The stream's time by stage, each timed alone over the same epoch plan (what a profile would split):
-    read (member tables rebuilt, strict decode and checks: read_positions), encode (SampleEncoder on the
-    read records), collate (the family's collator on the encoded batches); microseconds per sample."""
+    """The stream's time by stage, each timed alone over the same epoch plan (what a profile would split),
+    microseconds per sample: read_encode = what the stream itself does per batch (ShardStream.read_batch:
+    checked shards without decoding, else the strict read + SampleEncoder), as a fresh worker; the strict
+    path apart (strict_read: read_positions with member tables rebuilt, every sample decoded and checked;
+    strict_encode: SampleEncoder on those records), as a shard not yet checked on this machine is read;
+    collate: the family's collator on the encoded batches."""
     from higgs_ds.models.interface import make_collator
     from higgs_ds.stream.loader import DataConfig, ShardStream
     from higgs_ds.stream.reader import member_table, read_positions
@@ -183,13 +223,18 @@ def stream_stages(shards: Path, tok, config, max_tokens: int, collator: str, tim
     encoded = [[stream.encode(r) for r in batch] for batch in records]
     collate(encoded[0])  # the fast collator's one check against boson's, outside the clock
 
-    def read():
+    def read_encode():
+        _fresh_worker()
+        return lambda: [stream.read_batch(b) for b in batches]
+
+    def strict_read():
         member_table.cache_clear()
         return lambda: [list(read_positions(stream.refs, b, vocab_size=stream.vocab_size)) for b in batches]
 
     stages = {
-        "read": read,
-        "encode": lambda: lambda: [[stream.encode(r) for r in batch] for batch in records],
+        "read_encode": read_encode,
+        "strict_read": strict_read,
+        "strict_encode": lambda: lambda: [[stream.encode(r) for r in batch] for batch in records],
         "collate": lambda: lambda: [collate(batch) for batch in encoded],
     }
     n = sum(len(b) for b in batches)
@@ -388,12 +433,17 @@ NOTES = {
     "floors.reader": "higgs_ds.stream.reader.member_table rebuilt (as a fresh worker "
     "does: header scan, + sha256 when settings.verify_shards is 'always') and one seek + read per sample in "
     "the epoch plan's order; no JSON/npy decoding, no checks",
+    "floors.random_reads": "one os.pread per sample of exactly its members' bytes (offsets from the member "
+    "table, outside the clock), in the epoch plan's order, files held open: the system calls and copies of "
+    "random access alone, the least any reader of these samples in this order pays",
     "stream": "build_dataloader (num_workers=0: one core, torch 1 thread) -> read_positions with every check -> "
     "SampleEncoder on the stored token ids -> the family's collator, budget batching; samples per wall second",
-    "stream.stages_us_per_sample": "the stream's stages timed apart over the same plan (same timing rule): read = "
-    "read_positions with member tables rebuilt (tar scan, + sha256 if 'always'), strict decode and checks; encode = "
-    "SampleEncoder; collate = the family's collator; their sum is about stream.us_per_sample (the loader's own "
-    "overhead is the rest)",
+    "stream.stages_us_per_sample": "the stream's stages timed apart over the same plan (same timing rule): "
+    "read_encode = ShardStream.read_batch as a fresh worker (shards checked whole on this machine: one read a "
+    "sample, no decoding; see higgs_ds.shards.checked); strict_read = read_positions with member tables rebuilt "
+    "(tar scan, + sha256 if 'always'), strict decode and checks, and strict_encode = SampleEncoder: what a shard "
+    "not yet checked here costs; collate = the family's collator. read_encode + collate is about "
+    "stream.us_per_sample (the loader's own overhead is the rest)",
     "ratios": "stream samples/s over each floor's samples/s, same run",
     "headroom": "stream samples/s on one core over what one H100 at 45% MFU consumes (6 x params FLOPs per "
     "token, attention FLOPs left out, padding not counted: both make the GPU's demand look larger, not smaller)",
@@ -454,6 +504,7 @@ def main() -> None:
         runs = {
             "bytes": measure(byte_floor(paths), **timing),
             "reader": measure(reader_floor(refs, positions), **timing),
+            "random_reads": measure(random_read_floor(refs, positions), **timing),
             "stream": measure(stream(shards, tok, config, args.max_tokens, "fast", counted, verify), **timing),
         }
         streamed = counted[-1]
@@ -470,7 +521,8 @@ def main() -> None:
         torch.set_num_threads(1)  # the builder sets its own thread count
 
     n = len(lengths)
-    rate = {k: round(v, 1) for k, v in ((k, n / runs[k]["wall_s"]) for k in ("bytes", "reader", "stream"))}
+    floors = ("bytes", "reader", "random_reads", "stream")
+    rate = {k: round(v, 1) for k, v in ((k, n / runs[k]["wall_s"]) for k in floors)}
     rate["stream"] = round(streamed / runs["stream"]["wall_s"], 1)  # samples the loader yielded
     result = {
         "settings": {
@@ -494,6 +546,7 @@ def main() -> None:
             "bytes_samples_per_s": rate["bytes"],
             "bytes_mb_per_s": round(total_bytes / 1e6 / runs["bytes"]["wall_s"], 1),
             "reader_samples_per_s": rate["reader"],
+            "random_reads_samples_per_s": rate["random_reads"],
         },
         "stream": {
             "samples_per_s_per_core": rate["stream"],
@@ -505,6 +558,8 @@ def main() -> None:
         "ratios": {
             "stream_over_byte_floor": round(rate["stream"] / rate["bytes"], 4),
             "stream_over_reader_floor": round(rate["stream"] / rate["reader"], 4),
+            "stream_over_random_read_floor": round(rate["stream"] / rate["random_reads"], 4),
+            "random_read_floor_over_byte_floor": round(rate["random_reads"] / rate["bytes"], 4),
             "reader_floor_over_byte_floor": round(rate["reader"] / rate["bytes"], 4),
         },
         "headroom": headroom(rate["stream"], statistics.mean(lengths)),

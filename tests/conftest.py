@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The verified/checked-shard records of the test run (and of the training processes it starts) go to a
+# folder of its own, removed at the end: tests never write to the user's ~/.cache/higgs-ds.
+_CACHE = tempfile.mkdtemp(prefix="higgs-ds-test-cache-")
+os.environ["HIGGS_DS_CACHE"] = _CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "shards" / "demo"
@@ -19,6 +24,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "native_env: needs the native family's environment (transformers 5.x)")
     config.addinivalue_line("markers", "boson_env: needs boson's environment (boson_multimodal, transformers 4.46)")
     config.addinivalue_line("markers", "both_envs: run in each family's environment (`make test` runs it in both)")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -264,7 +264,7 @@ def _fake_boson_state(table=RELEASE_TABLE) -> dict:
         ({"bins": [8, 5, 5]}, None, "bins = \\[8, 5, 5\\]: finite scalar quantization"),
         ({"codebook_dim": None}, None, "codebook_dim = null"),
         ({"not_an_argument": 1}, None, "not_an_argument = 1: not a HiggsAudioTokenizer argument"),
-        ({"ratios": [8, "5"]}, None, "ratios / downsampling_ratios = \"5\": must be a positive integer"),
+        ({"ratios": [8, "5"]}, None, 'ratios / downsampling_ratios = "5": must be a positive integer'),
         ({}, {"hidden_size": 1024}, "hidden_size = 1024: boson's codec fixes it to 768"),
     ],
 )

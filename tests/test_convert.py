@@ -332,8 +332,10 @@ def _misshaped(t):
     "edit, needle",
     [
         (_extra, "unexpected layers.0.mlp.extra.weight"),
-        (lambda t: {k: v for k, v in t.items() if k != "layers.1.audio_mlp.up_proj.weight"},
-         "missing layers.1.audio_mlp.up_proj.weight"),
+        (
+            lambda t: {k: v for k, v in t.items() if k != "layers.1.audio_mlp.up_proj.weight"},
+            "missing layers.1.audio_mlp.up_proj.weight",
+        ),
         (_misshaped, "shape of norm.weight is [65]"),
     ],
     ids=["extra", "missing", "shape"],

@@ -266,7 +266,6 @@ def test_swift_pipeline_user_errors_exit_2_with_one_line(capsys):
     assert _one_error_line(capsys.readouterr().err) == "higgs-ds: error: --dataset /x has no index.json: build it"
 
 
-
 @pytest.mark.parametrize("command", ["shards build --tokenizer", "check-export", "export --base"])
 def test_every_command_that_reads_a_model_directory_refuses_one_with_code(tmp_path, tiny_model_dir, capsys, command):
     """`shards build --tokenizer DIR`, `check-export DIR` and a LoRA export's `--base DIR` read a model directory

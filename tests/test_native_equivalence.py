@@ -76,8 +76,10 @@ def _batches(reference, native):
     model, collator, samples = native
     for j, members in enumerate(meta["batches"]):
         names = [samples[i].sample_id for i in members]
-        yield names, {k[len(f"b{j}_"):]: v for k, v in arrays.items() if k.startswith(f"b{j}_")}, collator(
-            [samples[i] for i in members]
+        yield (
+            names,
+            {k[len(f"b{j}_") :]: v for k, v in arrays.items() if k.startswith(f"b{j}_")},
+            collator([samples[i] for i in members]),
         )
 
 

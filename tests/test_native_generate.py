@@ -227,7 +227,7 @@ def test_codes_from_audio_ids_undoes_transformers_delay():
     np.testing.assert_array_equal(codes_from_audio_ids(cut, config), codes.numpy())
     cut[3, 0] = 1024
     assert codes_from_audio_ids(cut, config)[0, 2] == 1023
-    assert codes_from_audio_ids(delayed[:K - 1], config).shape == (K, 0)
+    assert codes_from_audio_ids(delayed[: K - 1], config).shape == (K, 0)
 
 
 @pytest.mark.timeout(300)

@@ -296,14 +296,18 @@ def test_a_worker_stuck_on_a_shard_fails_the_rank_naming_it(tok_config, shards, 
     import higgs_ds.stream.loader as dataloader
 
     stuck = str(shards / "shard-000001.tar")
-    real = dataloader.read_positions
 
-    def read_positions(refs, positions, **kwargs):
-        if any(refs[s].path == stuck for s, _ in positions):
-            time.sleep(3600)
-        return real(refs, positions, **kwargs)
+    def hanging(real):
+        def read(refs, positions, *args, **kwargs):
+            if any(refs[s].path == stuck for s, _ in positions):
+                time.sleep(3600)
+            return real(refs, positions, *args, **kwargs)
 
-    monkeypatch.setattr(dataloader, "read_positions", read_positions)  # the forked worker inherits it
+        return read
+
+    # the strict read and the checked shards' read; the forked worker inherits both
+    monkeypatch.setattr(dataloader, "read_positions", hanging(dataloader.read_positions))
+    monkeypatch.setattr(dataloader, "read_encoded", hanging(dataloader.read_encoded))
     loader = _loader(tok_config, shards, world_size=1, num_workers=2, loader_timeout=2)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(UserError) as err:  # the worker sleeps an hour: only the loader's timeout ends this
@@ -331,17 +335,19 @@ def test_a_fifo_in_place_of_a_shard_does_not_hang_the_rank(tok_config, shards):
     assert _wait_for_no_children(before) == []
 
 
-def _raise_for(path: str, error: UserError):
+def _raise_for(path: str, error: UserError, name: str = "read_positions"):
+    """The loader's read function `name` (the strict read_positions or the checked shards' read_encoded),
+    raising `error` for a batch that reads `path`."""
     import higgs_ds.stream.loader as dataloader
 
-    real = dataloader.read_positions
+    real = getattr(dataloader, name)
 
-    def read_positions(refs, positions, **kwargs):
+    def read(refs, positions, *args, **kwargs):
         if any(refs[s].path == path for s, _ in positions):
             raise error
-        return real(refs, positions, **kwargs)
+        return real(refs, positions, *args, **kwargs)
 
-    return read_positions
+    return read
 
 
 @pytest.mark.timeout(300)
@@ -356,7 +362,8 @@ def test_a_workers_error_reaches_the_rank_as_one_line(tok_config, shards, monkey
     tok, config = tok_config
     stream = ShardStream(DataConfig(shards=[str(shards)], batch_size=1, num_workers=1), tok, rank=0, world_size=1)
     if where == "reader":
-        monkeypatch.setattr(dataloader, "read_positions", _raise_for(bad, ShardError(message)))
+        for name in ("read_positions", "read_encoded"):
+            monkeypatch.setattr(dataloader, name, _raise_for(bad, ShardError(message), name))
         loader = build_dataloader(stream.cfg, tok, config, rank=0, world_size=1)
     else:
 

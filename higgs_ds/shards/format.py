@@ -539,6 +539,11 @@ def _npy_header(data: bytes, where: str) -> tuple[int, int]:
     raise ShardError(f"{where}: unknown .npy format version {tuple(data[6:8])}; {REBUILD}")
 
 
+def npy_data_offset(data: bytes, where: str) -> int:
+    """Where the array data of a .npy member starts (its header's length)."""
+    return _npy_header(data, where)[1]
+
+
 def decode_codes(data: bytes, where: str) -> np.ndarray:
     """The (K, T) uint16 array of a .codes.npy member, a view of `data`: the header must be the one np.save
     writes for a C-order '<u2' 2-D array, and its shape must account for exactly the member's bytes, which

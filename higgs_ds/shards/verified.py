@@ -86,6 +86,21 @@ def _private(folder: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
+def private_cache() -> bool:
+    """The cache folder exists, is this user's, and nobody else can write to it."""
+    return _private(cache_dir())
+
+
+def same_types(stored: dict, key: dict) -> bool:
+    """A stored key's values have the types of `key`'s (1.0 == 1 would match otherwise)."""
+    return _same_types(stored, key)
+
+
+def too_recent(key: dict) -> bool:
+    """The file of `key` changed less than SETTLE_NS ago: not to be recorded (see record_verified)."""
+    return time.time_ns() - key["st_ctime_ns"] < SETTLE_NS
+
+
 def is_verified(key: dict) -> bool:
     """True only when the record for `key` is a regular file holding exactly {"version": 1, "key": key},
     in a cache folder only this user can write to."""
@@ -123,7 +138,7 @@ def record_verified(key: dict) -> None:
     """Remember that the file of `key` hashed to its index's sha256; an unwritable cache is logged once.
     A file changed less than SETTLE_NS ago is not recorded: file times tick in coarse steps (a jiffy), so a
     write right after this hash could leave mtime and ctime as they were (git's "racy" index entries)."""
-    if time.time_ns() - key["st_ctime_ns"] < SETTLE_NS:
+    if too_recent(key):
         return
     folder = cache_dir()
     try:

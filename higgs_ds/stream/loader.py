@@ -39,6 +39,7 @@ import torch
 
 from higgs_ds.errors import UserError
 from higgs_ds.shards import verified
+from higgs_ds.stream.checked_read import read_encoded
 from higgs_ds.stream.elastic import resumed_plan
 from higgs_ds.stream.plan import (
     BatchingConfig,
@@ -260,10 +261,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                     c["too_long"],
                 )
         for batch in mine:
-            if plan.references:
-                yield self._with_references(batch, plan.references)
-            else:
-                yield [self.encode(record) for record in read_positions(self.refs, batch, vocab_size=self.vocab_size)]
+            yield self._with_references(batch, plan.references) if plan.references else self.read_batch(batch)
+
+    def read_batch(self, batch) -> list:
+        """The EncodedSamples at `batch`'s positions: without decoding from shards this machine has checked
+        whole (higgs_ds.stream.checked_read, plain SampleEncoder with stored ids), else read strictly."""
+        if type(self.encode) is SampleEncoder and self.encode.stored_tokens:
+            samples = read_encoded(self.refs, batch, self.vocab_size)
+            if samples is not None:
+                return samples
+        return [self.encode(r) for r in read_positions(self.refs, batch, vocab_size=self.vocab_size)]
 
     def _with_references(self, batch, references: dict) -> list:
         """The batch's samples, those with a reference (decided by the plan) assembled for cloning."""
