@@ -96,8 +96,11 @@ class DataConfig:
     """When a dataloader worker checks a shard's sha256 against its index.json: "once" per machine and file
     version (a record in $HIGGS_DS_CACHE or ~/.cache/higgs-ds/verified-shards, keyed by the file's path,
     inode, size, mtime and ctime, so any write to the file hashes it again; later opens check only its tar
-    headers) or "always" (every worker, every epoch hashes every shard it opens: several us a sample, and
-    it also catches a file changed in place by something that restores its ctime, i.e. the clock or root)."""
+    headers; the first such process also checks every sample of the shard and records where each one's token
+    ids and codes lie, so later opens read a sample without decoding it: higgs_ds.shards.checked) or
+    "always" (every worker, every epoch hashes every shard it opens and checks every sample it reads: tens of
+    us a sample, and it also catches a file changed in place by something that restores its ctime, i.e. the
+    clock or root)."""
 
     def __post_init__(self):
         if self.weights is not None:
