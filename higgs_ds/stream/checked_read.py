@@ -27,7 +27,7 @@ from higgs_ds.shards.format import INDEX_FIX, ShardError, npy_data_offset, open_
 from higgs_ds.stream.reader import _decode_sample, _with_vocab, member_table, shard_promise
 from higgs_ds.stream.tokens import EncodedSample
 
-MAX_OPEN = 256  # checked shards kept open per process (each holds one file descriptor)
+MAX_OPEN = 64  # checked shards kept open per process, as many as member tables (a descriptor and ~0.3 MB each)
 
 
 class _Open:
