@@ -119,20 +119,21 @@ def load(key: dict, num_samples: int) -> CheckedTable | None:
         return None
     values = np.frombuffer(table, "<i8")
     rows, item_frames = values[: n * COLUMNS].reshape(n, COLUMNS), values[n * COLUMNS :]
-    if not _consistent(rows, item_frames):
+    if not _consistent(rows, item_frames, key["st_size"]):
         return None
     return CheckedTable(rows, item_frames, tuple(ids))
 
 
-def _consistent(rows: np.ndarray, item_frames: np.ndarray) -> bool:
-    """Every member lies inside its span, every span's items inside the item list, frames add up: a table
-    that is not one store() wrote is never used to index a buffer."""
+def _consistent(rows: np.ndarray, item_frames: np.ndarray, file_size: int) -> bool:
+    """Every span lies inside the file, every member inside its span, every span's items inside the item
+    list, frames add up: a table that is not one store() wrote never sizes a read or indexes a buffer."""
     if len(rows) == 0:
         return False
     start, length = rows[:, SPAN_START], rows[:, SPAN_LEN]
     tok, n, codes = rows[:, TOK_OFF], rows[:, TOK_N], rows[:, CODES_OFF]
     k, t, first, count = rows[:, ROWS], rows[:, FRAMES], rows[:, ITEM_START], rows[:, ITEM_COUNT]
-    ok = (start >= 0) & (length > 0) & (length % SPAN_ALIGN == 0) & (n > 0) & (k > 0) & (t >= 0)
+    ok = (start >= 0) & (length > 0) & (length % SPAN_ALIGN == 0) & (start + length <= file_size)
+    ok &= (n > 0) & (k > 0) & (t >= 0)
     ok &= (tok >= 0) & (tok % 4 == 0) & (tok + 8 * n <= length)
     ok &= (codes >= 0) & (codes % 2 == 0) & (codes + 2 * k * t <= length)
     ok &= (count >= 0) & (first >= 0) & (first + count <= len(item_frames))

@@ -24,7 +24,7 @@ import numpy as np
 
 from higgs_ds.shards import checked, verified
 from higgs_ds.shards.format import INDEX_FIX, ShardError, npy_data_offset, open_regular
-from higgs_ds.stream.reader import _decode_sample, _with_vocab, member_table, shard_promise
+from higgs_ds.stream.reader import decode_sample, member_table, shard_promise, with_vocab
 from higgs_ds.stream.tokens import EncodedSample
 
 MAX_OPEN = 64  # checked shards kept open per process, as many as member tables (a descriptor and ~0.3 MB each)
@@ -85,7 +85,7 @@ def _open(path: str, vocab_size: int | None) -> _Open | None:
     spec, limits = shard_promise(path)
     if spec is None:
         return None
-    limits = _with_vocab(limits, vocab_size)
+    limits = with_vocab(limits, vocab_size)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -133,7 +133,7 @@ def _strict_table(path: str, limits) -> checked.CheckedTable | None:
             end = members[-1][2] + members[-1][3]
             f.seek(first)
             span = f.read(end - first)
-            record = _decode_sample(path, members, span, first, limits)  # strict
+            record = decode_sample(path, members, span, first, limits)  # strict
             if "tokens" not in record:
                 return None  # ids in the JSON (an older shard): the strict path reads it
             at = {suffix: (offset - first, size) for _, suffix, offset, size in members}

@@ -205,7 +205,8 @@ def member_table(path: str) -> tuple[tuple[tuple[str, str, int, int], ...], ...]
     return table
 
 
-def _decode_sample(path: str, members, span: bytes, first: int, limits: SampleLimits) -> dict:
+def decode_sample(path: str, members, span: bytes, first: int, limits: SampleLimits) -> dict:
+    """One sample's members decoded from `span` (its bytes from offset `first`) and checked (check_sample)."""
     record, names = {}, {}
     for name, suffix, offset, size in members:
         data = span[offset - first : offset - first + size]
@@ -222,7 +223,8 @@ def _decode_sample(path: str, members, span: bytes, first: int, limits: SampleLi
     return record
 
 
-def _with_vocab(limits: SampleLimits, vocab_size: int | None) -> SampleLimits:
+def with_vocab(limits: SampleLimits, vocab_size: int | None) -> SampleLimits:
+    """`limits` with the tokenizer's vocabulary size as the bound of stored token ids (None: unchanged)."""
     return limits if vocab_size is None else SampleLimits(limits.num_codebooks, limits.codebook_size, vocab_size)
 
 
@@ -234,13 +236,13 @@ def read_shard(path: str, vocab_size: int | None = None) -> Iterator[tuple[int, 
     table = group_samples(path, scan_tar(path, spec))
     if spec is not None and len(table) != spec.num_samples:
         raise ShardError(f"{path} holds {len(table)} samples, its index.json says {spec.num_samples}; {INDEX_FIX}")
-    limits = _with_vocab(limits, vocab_size)
+    limits = with_vocab(limits, vocab_size)
     with open_regular(path) as f:
         for position, members in enumerate(table):
             first = members[0][2]
             f.seek(first)
             span = f.read(members[-1][2] + members[-1][3] - first)
-            yield position, _decode_sample(path, members, span, first, limits)
+            yield position, decode_sample(path, members, span, first, limits)
 
 
 def read_positions(
@@ -260,13 +262,13 @@ def read_positions(
                     f"{path} holds {len(table)} samples, its index says {refs[s].num_samples}; {INDEX_FIX}"
                 )
             if s not in handles:
-                limits[s] = _with_vocab(shard_promise(path)[1], vocab_size)
+                limits[s] = with_vocab(shard_promise(path)[1], vocab_size)
                 handles[s] = open_regular(path)
             f, members = handles[s], table[i]
             first = members[0][2]
             f.seek(first)
             span = f.read(members[-1][2] + members[-1][3] - first)
-            yield _decode_sample(path, members, span, first, limits[s])
+            yield decode_sample(path, members, span, first, limits[s])
     finally:
         for f in handles.values():
             f.close()
